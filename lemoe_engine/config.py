@@ -1,0 +1,135 @@
+"""LEMoEConfig: every knob of the adaptor layer, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+ACTIVATIONS = ("silu", "gelu", "relu")
+ROUTINGS = ("sequence", "token")
+QUERY_SOURCES = ("embedding", "hidden")
+BACKENDS = ("auto", "eager", "triton")
+DTYPES = ("float32", "float16", "bfloat16")
+MAX_TOP_K = 4  # the routing kernel keeps a running top-k of at most this many slots
+
+
+@dataclass
+class LEMoEConfig:
+    """Configuration of one LEMoE adaptor (the MoE bypass beside one decoder layer's MLP).
+
+    Routing: ``score_i = cos(q, k_i)`` between the instance query ``q`` and the fixed anchor
+    ``k_i`` of expert ``i``; the ``top_k`` best experts are weighted by a softmax of their
+    scores over ``temperature``; a slot whose score is below its expert's calibrated
+    threshold is dropped (``gate``), so unrelated inputs get exactly the base MLP.
+    """
+
+    layer: Optional[int] = None
+    """Decoder layer index whose MLP is wrapped. None: 18/32 of the depth, as in the paper."""
+    expert_hidden: int = 1024
+    """Hidden width of each expert FFN (d_model -> expert_hidden -> d_model)."""
+    expert_activation: str = "silu"
+    """Expert activation: one of silu, gelu, relu."""
+    expert_gated: bool = True
+    """Gated (SwiGLU-style) experts: act(x W_gate) * (x W_up), else act(x W_up)."""
+    top_k: int = 1
+    """Experts mixed per input (1..4); the paper uses 1."""
+    scale: float = 1.0
+    """lambda in h = FFN(x) + lambda * sum g_i f_i(x)."""
+    routing: str = "sequence"
+    """'sequence': one route per input, from its mean-pooled prompt (the paper);
+    'token': every token routes on its own vector."""
+    query_source: str = "embedding"
+    """Vector the query is pooled from: 'embedding' (token embeddings, the paper) or
+    'hidden' (the target MLP's input)."""
+    query_hidden: int = 256
+    """Width r of the query projection v = W_up SiLU(W_down (e - center)); 0 = no projection."""
+    key_dim: int = 256
+    """Dimension of queries and anchors when a projection is used (ignored when query_hidden=0)."""
+    temperature: float = 0.1
+    """Softmax temperature over the top-k cosine scores."""
+    gate: bool = True
+    """Apply the per-expert locality gate (thresholds calibrated by the editor)."""
+    gate_margin: float = 0.05
+    """Calibration margin: threshold sits this far above the best unrelated score."""
+    backend: str = "auto"
+    """'eager' (PyTorch reference), 'triton' (fused kernels, CUDA), 'auto' (triton on CUDA)."""
+    dtype: Optional[str] = None
+    """Storage dtype of expert weights: float32, float16, bfloat16; None = the base model's."""
+    seed: int = 0
+    """Seed for the query projection and new experts' input weights."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"LEMoEConfig: {message}")
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        need(self.layer is None or is_int(self.layer),
+             f"layer must be an int or None, got {self.layer!r}")
+        need(is_int(self.expert_hidden) and self.expert_hidden > 0,
+             f"expert_hidden must be a positive int, got {self.expert_hidden!r}")
+        need(self.expert_activation in ACTIVATIONS,
+             f"expert_activation must be one of {ACTIVATIONS}, got {self.expert_activation!r}")
+        need(isinstance(self.expert_gated, bool), "expert_gated must be True or False")
+        need(is_int(self.top_k) and 1 <= self.top_k <= MAX_TOP_K,
+             f"top_k must be an int in 1..{MAX_TOP_K}, got {self.top_k!r}")
+        need(isinstance(self.scale, (int, float)) and math.isfinite(self.scale),
+             f"scale (lambda) must be a finite number, got {self.scale!r}")
+        need(self.routing in ROUTINGS, f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        need(self.query_source in QUERY_SOURCES,
+             f"query_source must be one of {QUERY_SOURCES}, got {self.query_source!r}")
+        need(is_int(self.query_hidden) and self.query_hidden >= 0,
+             f"query_hidden must be an int >= 0 (0 disables the projection), got {self.query_hidden!r}")
+        need(is_int(self.key_dim) and self.key_dim > 0,
+             f"key_dim must be a positive int, got {self.key_dim!r}")
+        need(isinstance(self.temperature, (int, float)) and self.temperature > 0
+             and math.isfinite(self.temperature),
+             f"temperature must be a positive finite number, got {self.temperature!r}")
+        need(isinstance(self.gate, bool), "gate must be True or False")
+        need(isinstance(self.gate_margin, (int, float)) and 0 <= self.gate_margin < 2,
+             f"gate_margin must be in [0, 2) (cosine units), got {self.gate_margin!r}")
+        need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        need(self.dtype is None or self.dtype in DTYPES,
+             f"dtype must be None or one of {DTYPES}, got {self.dtype!r}")
+        need(is_int(self.seed), f"seed must be an int, got {self.seed!r}")
+        self.scale = float(self.scale)
+        self.temperature = float(self.temperature)
+        self.gate_margin = float(self.gate_margin)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LEMoEConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"LEMoEConfig.from_dict expects a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"LEMoEConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "LEMoEConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def resolved_layer(self, num_layers: int) -> int:
+        """The layer index this config targets in a model of ``num_layers`` decoder layers."""
+        layer = self.layer if self.layer is not None else (num_layers * 18) // 32
+        if layer < 0:
+            layer += num_layers
+        if not 0 <= layer < num_layers:
+            raise ConfigError(
+                f"LEMoEConfig: layer {self.layer} is out of range for a model with {num_layers} "
+                f"decoder layers (valid: 0..{num_layers - 1}, or negative from the end)")
+        return layer
+
+    def anchor_dim(self, hidden_size: int) -> int:
+        """Dimension of queries and anchors for a base model of width ``hidden_size``."""
+        return self.key_dim if self.query_hidden > 0 else hidden_size

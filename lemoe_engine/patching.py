@@ -1,0 +1,151 @@
+"""Model patching: put a LEMoELayer in place of one decoder layer's MLP, and take it out again.
+
+Two hooks connect the layer to the model it lives in: a forward hook on the input embedding
+module hands it the token embeddings (its query source), and a pre-hook on the decoder stack
+tells it the attention mask and whether the call continues sequences already in the KV cache
+(then the route decided at the prompt is reused, token after token).
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import LEMoEConfig
+from .errors import ConfigError, UnsupportedModelError
+from .layer import LEMoELayer, RouteContext
+
+# model_type -> attribute path of the decoder layer list, relative to the *ForCausalLM model
+SUPPORTED_ARCHITECTURES = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "gpt2": "transformer.h",
+}
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    path = SUPPORTED_ARCHITECTURES.get(model_type)
+    if path is None:
+        raise UnsupportedModelError(
+            f"unsupported architecture {model_type!r} ({type(model).__name__}); LEMoE layers can be "
+            f"attached to: {', '.join(sorted(SUPPORTED_ARCHITECTURES))} (Hugging Face *ForCausalLM models)")
+    layers = model
+    for name in path.split("."):
+        layers = getattr(layers, name, None)
+        if layers is None:
+            raise UnsupportedModelError(f"{type(model).__name__} has no '{path}': pass the *ForCausalLM model")
+    return layers
+
+
+def base_identity(model: nn.Module, layer_index: int) -> dict:
+    """What an adaptor must match to be loaded onto ``model``."""
+    config = model.config
+    return {
+        "architecture": config.model_type,
+        "hidden_size": int(config.hidden_size),
+        "num_layers": len(_decoder_layers(model)),
+        "layer": layer_index,
+        "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
+    }
+
+
+def find_layer(model: nn.Module) -> Optional[LEMoELayer]:
+    """The LEMoELayer attached to ``model``, or None."""
+    for module in model.modules():
+        if isinstance(module, LEMoELayer):
+            return module
+    return None
+
+
+def attach(model: nn.Module, config: Optional[LEMoEConfig] = None) -> LEMoELayer:
+    """Replace the target layer's MLP of ``model`` by an (empty) LEMoELayer, in place.
+
+    With no experts the patched model computes exactly what it computed before.
+    """
+    config = config if config is not None else LEMoEConfig()
+    if not isinstance(config, LEMoEConfig):
+        raise ConfigError(f"config must be a LEMoEConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"attach expects a torch model, got {type(model).__name__}")
+    layers = _decoder_layers(model)
+    if find_layer(model) is not None:
+        raise ConfigError("this model already has a LEMoE adaptor attached: call detach(model) first")
+    index = config.resolved_layer(len(layers))
+    parent = layers[index]
+    base_mlp = getattr(parent, "mlp", None)
+    if base_mlp is None:
+        raise UnsupportedModelError(f"decoder layer {index} of {type(model).__name__} has no 'mlp' module")
+    layer = LEMoELayer(base_mlp, int(model.config.hidden_size), config)
+    layer.base_info = base_identity(model, index)
+    parent.mlp = layer
+    layer._handles = _install_hooks(model, layer)  # plain attribute: not part of the module tree
+    layer._parent = (parent,)
+    return layer
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove the LEMoE adaptor: the original MLP module object is put back. Returns it."""
+    layer = find_layer(model)
+    if layer is None:
+        raise ConfigError("this model has no LEMoE adaptor attached")
+    for handle in layer._handles:
+        handle.remove()
+    layer._parent[0].mlp = layer.base_layer
+    return layer.base_layer
+
+
+def _install_hooks(model: nn.Module, layer: LEMoELayer) -> list:
+    decoder = model.base_model
+    parameters = inspect.signature(decoder.forward).parameters
+
+    def before_decoder(module, args, kwargs):
+        bound = dict(zip(parameters, args))
+        bound.update(kwargs)
+        # transformers < 5.20 names the KV cache past_key_values, later versions cache
+        cache = bound.get("past_key_values", bound.get("cache"))
+        cached = 0
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            cached = int(cache.get_seq_length())
+        elif isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+            cached = int(cache[0][0].shape[-2])
+        layer.set_route_context(RouteContext(attention_mask=bound.get("attention_mask"),
+                                             embeddings=bound.get("inputs_embeds"),
+                                             continuing=cached > 0))
+
+    def after_embedding(module, args, output):
+        layer._context.embeddings = output
+
+    return [decoder.register_forward_pre_hook(before_decoder, with_kwargs=True),
+            model.get_input_embeddings().register_forward_hook(after_embedding)]
+
+
+@contextmanager
+def query_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> Iterator[None]:
+    """Route sequences by the positions where ``mask`` is 1 (the prompt, when scoring
+    prompt+target teacher-forced). A no-op when no adaptor is attached."""
+    layer = find_layer(model)
+    if layer is None:
+        yield
+        return
+    with layer.query_mask(mask):
+        yield
+
+
+@contextmanager
+def adaptors_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as if unedited (the adaptor adds nothing). A no-op when none is attached."""
+    layer = find_layer(model)
+    if layer is None:
+        yield
+        return
+    previous, layer.disabled = layer.disabled, True
+    try:
+        yield
+    finally:
+        layer.disabled = previous
