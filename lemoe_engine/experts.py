@@ -62,12 +62,11 @@ def expert_ffn_reference(
     Only rows with at least one expert are written (others stay bit-identical). Returns
     ``out``; the add is out of place when autograd needs the graph, in place otherwise.
     """
-    compute_dtype = w_up[0].dtype if len(w_up) else x.dtype
     for slot in range(ids.shape[1]):
         slot_ids = ids[:, slot]
         for expert in torch.unique(slot_ids[slot_ids >= 0]).tolist():
             rows = (slot_ids == expert).nonzero(as_tuple=True)[0]
-            xs = x[rows].to(compute_dtype)
+            xs = x[rows].to(w_up[expert].dtype)  # a trainable expert may differ from the stack
             gate = w_gate[expert] if w_gate is not None else None
             h = expert_hidden_states(xs, w_up[expert], gate, activation)
             y = (h @ w_down[expert]).float() * (weights[rows, slot].float() * scale).unsqueeze(1)

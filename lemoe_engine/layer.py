@@ -181,8 +181,9 @@ class LEMoELayer(nn.Module):
         finally:
             self._query_mask = previous
 
-    def queries(self, x: torch.Tensor) -> torch.Tensor:
-        """Unit-norm queries: [B, key] for sequence routing, [B*T, key] for token routing."""
+    def pooled_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """The vectors queries are made of, before centring and projection: [B, d] for sequence
+        routing (mean over the prompt), [B*T, d] for token routing."""
         source = x
         if self.config.query_source == "embedding":
             source = self._context.embeddings
@@ -192,14 +193,18 @@ class LEMoELayer(nn.Module):
                     "the layer to its model with lemoe_engine.attach(model, config) and call the model "
                     "(or use query_source='hidden' for a standalone layer)")
         if self.config.routing == "token":
-            return self.query_encoder(source.reshape(-1, source.shape[-1]))
+            return source.reshape(-1, source.shape[-1]).float()
         mask = self._context.attention_mask
         if mask is not None and mask.shape[1] != x.shape[1]:
             mask = mask[:, -x.shape[1]:]
         if self._query_mask is not None:
             query_mask = self._query_mask.to(x.device)
             mask = query_mask if mask is None else mask.to(x.device) * query_mask
-        return self.query_encoder(masked_mean(source, mask))
+        return masked_mean(source, mask)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit-norm queries: [B, key] for sequence routing, [B*T, key] for token routing."""
+        return self.query_encoder(self.pooled_vectors(x))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids and weights per token, [B*T, top_k] each."""

@@ -1,0 +1,45 @@
+"""Helpers shared by the kernel launch wrappers (no CUDA calls at import)."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+TORCH_TO_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def is_interpreted(kernel) -> bool:
+    """True when ``kernel`` was decorated while TRITON_INTERPRET=1 (CPU interpreter).
+
+    Triton decides this once, when ``@triton.jit`` runs, so the kernel object is the truth,
+    not the environment at call time."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def check_tensor(name: str, t, ndim: int, dtypes, *, dtype_hint: str = "") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected {allowed}"
+                        + (f" ({dtype_hint})" if dtype_hint else ""))
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first); "
+                         f"got strides {t.stride()} for shape {tuple(t.shape)}")
+
+
+def check_devices(named: dict, interpreted: bool) -> torch.device:
+    """All tensors on one device; CUDA unless the kernels run in the Triton interpreter."""
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    first_name, device = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != device:
+            raise ValueError(f"all tensors must be on one device: {first_name} is on {device}, "
+                             f"{name} is on {dev}")
+    if device.type != "cuda" and not interpreted:
+        raise ValueError(f"Triton kernels need CUDA tensors, got tensors on {device} "
+                         "(set TRITON_INTERPRET=1 before importing kernels to run them on CPU)")
+    return device
