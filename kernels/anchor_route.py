@@ -1,4 +1,4 @@
-"""Anchor routing in one launch: scores -> running top-k -> softmax -> per-slot gate.
+"""Anchor routing in one launch: scores -> gate -> running top-k -> softmax.
 
 ``anchor_route(queries[S, D], anchors[E, D], thresholds[E], top_k, temperature)`` returns
 ``ids`` (int32 [S, top_k], -1 = no expert) and ``weights`` (fp32 [S, top_k]) with the
@@ -6,11 +6,11 @@ semantics of ``lemoe_engine.routing.route_reference``:
 
 * ``scores = queries @ anchors.T`` in fp32 (fp16/bf16 inputs are multiplied exactly and
   accumulated in fp32; fp32 inputs use IEEE fp32, never TF32);
-* a non-finite score (NaN, +-inf) is never chosen;
-* top-k by score, descending, ties to the lower expert id;
+* gate first: an anchor whose score is below ``thresholds[id]``, or not finite (NaN, +-inf),
+  is never chosen;
+* top-k by score among the rest, descending, ties to the lower expert id;
 * ``weights = softmax(top_scores / temperature)`` over the chosen slots only;
-* a slot whose score is below ``thresholds[id]`` becomes id -1 / weight 0 (no renormalising);
-* slots beyond the number of experts with a finite score are id -1 / weight 0.
+* slots beyond the number of experts that passed are id -1 / weight 0.
 
 Kernel layout: the grid is one program per block of ``BLOCK_S`` queries. A program walks
 the anchors in blocks of ``BLOCK_E`` (D in blocks of ``BLOCK_D``), computes the score tile
@@ -110,8 +110,10 @@ def _anchor_route_kernel(
                     a = a.to(tl.float32)
                 acc = tl.dot(q, tl.trans(a), acc, input_precision=DOT_PRECISION)
 
-        # non-finite scores (NaN, +-inf) and padding columns are never chosen
-        ok = col_mask[None, :] & (tl.abs(acc) < float("inf"))
+        # gate first: an anchor under its threshold, a non-finite score (NaN, +-inf) and a
+        # padding column can never be chosen
+        thr = tl.load(thr_ptr + cols, mask=col_mask, other=float("inf"))
+        ok = col_mask[None, :] & (tl.abs(acc) < float("inf")) & (acc >= thr[None, :])
         s = tl.where(ok, acc, NEG_INF)
         # merge this tile's best K candidates into the running top-k
         for _t in tl.static_range(K):
@@ -145,27 +147,19 @@ def _anchor_route_kernel(
         total += e3_
     total = tl.where(total > 0.0, total, 1.0)
 
-    # per-slot gate against the chosen expert's threshold, then store every slot
+    # store every slot (empty slots: id -1, weight 0)
     out_base = rows64 * K
-    t0 = tl.load(thr_ptr + i0, mask=row_mask & ok0, other=0.0)
-    keep0 = ok0 & (v0 >= t0)
-    tl.store(ids_ptr + out_base, tl.where(keep0, i0, -1), mask=row_mask)
-    tl.store(w_ptr + out_base, tl.where(keep0, e0_ / total, 0.0), mask=row_mask)
+    tl.store(ids_ptr + out_base, i0, mask=row_mask)
+    tl.store(w_ptr + out_base, tl.where(ok0, e0_ / total, 0.0), mask=row_mask)
     if K > 1:
-        t1 = tl.load(thr_ptr + i1, mask=row_mask & ok1, other=0.0)
-        keep1 = ok1 & (v1 >= t1)
-        tl.store(ids_ptr + out_base + 1, tl.where(keep1, i1, -1), mask=row_mask)
-        tl.store(w_ptr + out_base + 1, tl.where(keep1, e1_ / total, 0.0), mask=row_mask)
+        tl.store(ids_ptr + out_base + 1, i1, mask=row_mask)
+        tl.store(w_ptr + out_base + 1, tl.where(ok1, e1_ / total, 0.0), mask=row_mask)
     if K > 2:
-        t2 = tl.load(thr_ptr + i2, mask=row_mask & ok2, other=0.0)
-        keep2 = ok2 & (v2 >= t2)
-        tl.store(ids_ptr + out_base + 2, tl.where(keep2, i2, -1), mask=row_mask)
-        tl.store(w_ptr + out_base + 2, tl.where(keep2, e2_ / total, 0.0), mask=row_mask)
+        tl.store(ids_ptr + out_base + 2, i2, mask=row_mask)
+        tl.store(w_ptr + out_base + 2, tl.where(ok2, e2_ / total, 0.0), mask=row_mask)
     if K > 3:
-        t3 = tl.load(thr_ptr + i3, mask=row_mask & ok3, other=0.0)
-        keep3 = ok3 & (v3 >= t3)
-        tl.store(ids_ptr + out_base + 3, tl.where(keep3, i3, -1), mask=row_mask)
-        tl.store(w_ptr + out_base + 3, tl.where(keep3, e3_ / total, 0.0), mask=row_mask)
+        tl.store(ids_ptr + out_base + 3, i3, mask=row_mask)
+        tl.store(w_ptr + out_base + 3, tl.where(ok3, e3_ / total, 0.0), mask=row_mask)
 
 
 def route_config(S: int, E: int, D: int, dtype: torch.dtype, interpreted: bool) -> dict:

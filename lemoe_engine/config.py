@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -11,7 +12,8 @@ from .errors import ConfigError
 
 ACTIVATIONS = ("silu", "gelu", "relu")
 ROUTINGS = ("sequence", "token")
-QUERY_SOURCES = ("embedding", "hidden")
+QUERY_SOURCES = ("embedding", "hidden", "layerN")
+QUERY_POOLINGS = ("mean", "max")
 BACKENDS = ("auto", "eager", "triton")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_TOP_K = 4  # the routing kernel keeps a running top-k of at most this many slots
@@ -29,7 +31,7 @@ class LEMoEConfig:
 
     layer: Optional[int] = None
     """Decoder layer index whose MLP is wrapped. None: 18/32 of the depth, as in the paper."""
-    expert_hidden: int = 1024
+    expert_hidden: int = 256
     """Hidden width of each expert FFN (d_model -> expert_hidden -> d_model)."""
     expert_activation: str = "silu"
     """Expert activation: one of silu, gelu, relu."""
@@ -40,12 +42,17 @@ class LEMoEConfig:
     scale: float = 1.0
     """lambda in h = FFN(x) + lambda * sum g_i f_i(x)."""
     routing: str = "sequence"
-    """'sequence': one route per input, from its mean-pooled prompt (the paper);
-    'token': every token routes on its own vector."""
-    query_source: str = "embedding"
-    """Vector the query is pooled from: 'embedding' (token embeddings, the paper) or
-    'hidden' (the target MLP's input)."""
-    query_hidden: int = 256
+    """'sequence': one route per input, decided on its prompt and kept while decoding (the
+    paper); 'token': every token routes on its own vector."""
+    query_source: str = "layer4"
+    """Per-token vectors queries are made of: 'embedding' (token embeddings, the paper),
+    'layerN' (input hidden states of decoder layer N, e.g. 'layer4'; N <= target layer) or
+    'hidden' (the target MLP's own input)."""
+    query_pooling: str = "max"
+    """Sequence routing only. 'mean': one query per input, the mean over its prompt tokens
+    (the paper); 'max': each prompt token is a query and an anchor scores by its best-matching
+    token (late interaction), so an input mentioning an edited subject in any wording finds it."""
+    query_hidden: int = 0
     """Width r of the query projection v = W_up SiLU(W_down (e - center)); 0 = no projection."""
     key_dim: int = 256
     """Dimension of queries and anchors when a projection is used (ignored when query_hidden=0)."""
@@ -82,8 +89,11 @@ class LEMoEConfig:
         need(isinstance(self.scale, (int, float)) and math.isfinite(self.scale),
              f"scale (lambda) must be a finite number, got {self.scale!r}")
         need(self.routing in ROUTINGS, f"routing must be one of {ROUTINGS}, got {self.routing!r}")
-        need(self.query_source in QUERY_SOURCES,
-             f"query_source must be one of {QUERY_SOURCES}, got {self.query_source!r}")
+        need(isinstance(self.query_source, str)
+             and (self.query_source in ("embedding", "hidden") or re.fullmatch(r"layer\d+", self.query_source)),
+             f"query_source must be 'embedding', 'hidden' or 'layerN' (e.g. 'layer4'), got {self.query_source!r}")
+        need(self.query_pooling in QUERY_POOLINGS,
+             f"query_pooling must be one of {QUERY_POOLINGS}, got {self.query_pooling!r}")
         need(is_int(self.query_hidden) and self.query_hidden >= 0,
              f"query_hidden must be an int >= 0 (0 disables the projection), got {self.query_hidden!r}")
         need(is_int(self.key_dim) and self.key_dim > 0,
@@ -129,6 +139,11 @@ class LEMoEConfig:
                 f"LEMoEConfig: layer {self.layer} is out of range for a model with {num_layers} "
                 f"decoder layers (valid: 0..{num_layers - 1}, or negative from the end)")
         return layer
+
+    @property
+    def query_layer(self) -> Optional[int]:
+        """Decoder layer whose input feeds the queries ('layerN'), else None."""
+        return int(self.query_source[5:]) if self.query_source.startswith("layer") else None
 
     def anchor_dim(self, hidden_size: int) -> int:
         """Dimension of queries and anchors for a base model of width ``hidden_size``."""

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from .config import LEMoEConfig
 from .data import EditRecord, bundled_unrelated_prompts
 from .errors import ConfigError
-from .layer import LEMoELayer
-from .patching import adaptors_disabled, attach, find_layer, query_mask
+from .layer import LEMoELayer, RouteContext
+from .patching import adaptors_disabled, attach, decoder_layers, final_norm, find_layer, query_mask
 from .planner import plan_order
 from .storage import save
 from .tokens import collate, encode_pairs
@@ -35,7 +35,7 @@ from .tokens import collate, encode_pairs
 class EditorConfig:
     """Training knobs of the editor (the layer's own knobs are in LEMoEConfig)."""
 
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-3
     max_steps: int = 60
     """Optimiser steps per batch at most (each over all of the batch's edits)."""
     stop_loss: float = 0.02
@@ -69,6 +69,80 @@ class BatchReport:
     seconds: float
 
 
+class _TailForward:
+    """Target-token logits computed from the target decoder layer on.
+
+    Everything below the target layer is frozen, so its output (the input of the target
+    decoder layer) is computed once per batch and cached with the arguments each later layer
+    was called with; a training step then runs only the remaining layers, and the LM head only
+    at the scored positions. A self-check against the full model's logits falls back to full
+    forwards if an architecture computes anything this shortcut misses.
+    """
+
+    def __init__(self, model: nn.Module, layer: LEMoELayer) -> None:
+        self.model = model
+        self.layer = layer
+        all_layers = decoder_layers(model)
+        start = next(i for i, block in enumerate(all_layers) if block.mlp is layer)
+        self.blocks = list(all_layers)[start:]
+        self.norm = final_norm(model)
+        self.head = model.get_output_embeddings()
+        self.cached: list[tuple] = []
+        self.usable = True
+
+    def prepare(self, batches: Sequence[tuple]) -> None:
+        self.cached = []
+        for ids, attention, prompt_mask, labels in batches:
+            calls: list[tuple] = []
+            handles = [block.register_forward_pre_hook(
+                lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+                for block in self.blocks]
+            try:
+                with torch.no_grad(), query_mask(self.model, prompt_mask):
+                    full = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+            finally:
+                for handle in handles:
+                    handle.remove()
+            context = RouteContext(attention_mask=attention, embeddings=self.layer._context.embeddings)
+            self.cached.append((calls, context, prompt_mask, labels))
+            if self.usable:
+                with torch.no_grad():
+                    positions, _ = self._positions(labels)
+                    tail = self._logits(len(self.cached) - 1)
+                    reference = full[:, :-1][positions].float()
+                    self.usable = bool(torch.allclose(tail, reference, atol=1e-3, rtol=1e-3))
+
+    @staticmethod
+    def _positions(labels: torch.Tensor):
+        targets = labels[:, 1:]
+        scored = targets != -100
+        return scored, targets[scored]
+
+    def _logits(self, index: int) -> torch.Tensor:
+        calls, context, prompt_mask, labels = self.cached[index]
+        hidden = calls[0][0][0] if calls[0][0] else calls[0][1]["hidden_states"]
+        self.layer.set_route_context(context)
+        with self.layer.query_mask(prompt_mask):
+            for block, (args, kwargs) in zip(self.blocks, calls):
+                if args:
+                    out = block(hidden, *args[1:], **kwargs)
+                else:
+                    out = block(**{**kwargs, "hidden_states": hidden})
+                hidden = out[0] if isinstance(out, tuple) else out
+        scored, _ = self._positions(labels)
+        return self.head(self.norm(hidden[:, :-1][scored])).float()
+
+    def scored_logits(self, index: int, batch: tuple) -> torch.Tensor:
+        """Logits at the scored positions of micro-batch ``index`` ([n_scored, vocab])."""
+        if self.usable:
+            return self._logits(index)
+        ids, attention, prompt_mask, labels = batch
+        with query_mask(self.model, prompt_mask):
+            logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        scored, _ = self._positions(labels)
+        return logits[:, :-1][scored].float()
+
+
 class LifelongEditor:
     """Edits ``model`` batch after batch, LEMoE style.
 
@@ -99,13 +173,11 @@ class LifelongEditor:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # --------------------------------------------------------------- queries
-    def pooled_vectors(self, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """The layer's pooled query vectors of each prompt (before centring), [n, d]."""
-        if self.layer.config.routing == "token":
-            raise ConfigError("LifelongEditor trains sequence-routed adaptors (routing='sequence')")
-        captured: list[torch.Tensor] = []
+    def _run_prompts(self, prompts: Sequence[str], capture: Callable, batch_size: int = 64) -> list:
+        """Forward ``prompts`` (adaptor off) and collect ``capture(layer, layer_input)`` per batch."""
+        captured: list = []
         hook = self.layer.register_forward_hook(
-            lambda module, args, output: captured.append(module.pooled_vectors(args[0]).cpu()))
+            lambda module, args, output: captured.append(capture(module, args[0])))
         try:
             with torch.no_grad(), adaptors_disabled(self.model):
                 for start in range(0, len(prompts), batch_size):
@@ -116,24 +188,86 @@ class LifelongEditor:
                         self.model(input_ids=ids, attention_mask=attention, use_cache=False)
         finally:
             hook.remove()
+        return captured
+
+    def token_queries(self, prompts: Sequence[str], centred: bool = True) -> list[torch.Tensor]:
+        """Per prompt, the routing vector of each of its tokens: unit-norm queries [n_i, key]
+        (``centred=False``: the raw source vectors [n_i, d], before centring and projection)."""
+        def capture(layer: LEMoELayer, x: torch.Tensor):
+            vectors = layer.token_vectors(x)
+            if centred:
+                vectors = layer.query_encoder(vectors)
+            mask = layer.prompt_mask(x).bool()
+            return [v[m].float().cpu() for v, m in zip(vectors, mask)]
+        return [q for batch in self._run_prompts(prompts, capture) for q in batch]
+
+    def sequence_queries(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Mean-pooled unit queries of ``prompts`` [n, key] (the paper's instance query)."""
+        captured = self._run_prompts(
+            prompts, lambda layer, x: layer.query_encoder(layer.pooled_vectors(x)).cpu())
         return torch.cat(captured)
 
-    def queries(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Unit-norm routing queries of ``prompts`` (what the layer routes them by), [n, key]."""
-        with torch.no_grad():
-            return self.layer.query_encoder(self.pooled_vectors(prompts).to(self.device))
+    def routes(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The expert each prompt routes to now (top-1, -1 = none), exactly as served."""
+        def capture(layer: LEMoELayer, x: torch.Tensor):
+            return layer._route(x)[0][:, 0].cpu()
+        return torch.cat(self._run_prompts(prompts, capture))
 
     def _fit_center(self, prompts: Sequence[str]) -> None:
-        """Before the first expert: remove the mean direction all sentences share. Fixed after."""
-        pooled = self.pooled_vectors(list(prompts) + self.unrelated_prompts)
+        """Before the first expert: remove the mean direction all token vectors share. Fixed after."""
+        vectors = torch.cat(self.token_queries(list(prompts) + self.unrelated_prompts, centred=False))
         with torch.no_grad():
-            self.layer.query_encoder.center.copy_(pooled.mean(dim=0))
+            self.layer.query_encoder.center.copy_(vectors.mean(dim=0).to(self.device))
         self._unrelated_queries = None
 
-    def _unrelated(self) -> torch.Tensor:
+    def _unrelated(self):
         if self._unrelated_queries is None:
-            self._unrelated_queries = self.queries(self.unrelated_prompts)
+            if self._max_pooling:
+                self._unrelated_queries = _pad(self.token_queries(self.unrelated_prompts))
+            else:
+                self._unrelated_queries = self.sequence_queries(self.unrelated_prompts)
         return self._unrelated_queries
+
+    @property
+    def _max_pooling(self) -> bool:
+        return self.layer.config.query_pooling == "max"
+
+    def _key_positions(self, edits: Sequence[EditRecord], queries: list[torch.Tensor]) -> list[int]:
+        """Token whose vector keys an edit: the subject's last token when the subject is known
+        (where the model recalls facts about it), else the prompt token least like any token of
+        the unrelated prompts."""
+        positions = []
+        unrelated, unrelated_mask = self._unrelated()
+        pool = unrelated[unrelated_mask]
+        for edit, query in zip(edits, queries):
+            position = _subject_last_token(self.tokenizer, edit.prompt, edit.subject, len(query))
+            if position is None:
+                position = int((query @ pool.T).max(dim=1).values.argmin())
+            positions.append(position)
+        return positions
+
+    def _new_anchors(self, edits: Sequence[EditRecord]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anchors of the batch's new expert and their gate thresholds (cosine).
+
+        A threshold sits ``gate_margin`` above the best score any unrelated prompt reaches on
+        that anchor, but never above the score of the edit the anchor was made from."""
+        margin = self.layer.config.gate_margin
+        prompts = [e.prompt for e in edits]
+        if self._max_pooling:
+            queries = self.token_queries(prompts)
+            positions = self._key_positions(edits, queries)
+            anchors = torch.stack([q[p] for q, p in zip(queries, positions)])
+            unrelated, unrelated_mask = self._unrelated()
+            unrelated_best = _max_sim(unrelated, unrelated_mask, anchors).max(dim=0).values
+            padded, mask = _pad(queries)
+            own = _max_sim(padded, mask, anchors).diagonal()
+        else:
+            queries = self.sequence_queries(prompts)
+            anchors = F.normalize(queries.mean(dim=0, keepdim=True), dim=-1)
+            unrelated_best = (self._unrelated() @ anchors.T).max(dim=0).values
+            own = (queries @ anchors.T).min(dim=0).values
+        thresholds = torch.minimum(unrelated_best + margin, own - 1e-6)
+        return anchors, thresholds
 
     # --------------------------------------------------------------- editing
     def edit_batch(self, edits: Sequence[EditRecord]) -> BatchReport:
@@ -147,20 +281,17 @@ class LifelongEditor:
         layer = self.layer
         if layer.num_experts == 0 and not layer.query_encoder.center.any():
             self._fit_center([e.prompt for e in edits])
-        queries = self.queries([e.prompt for e in edits])
-        index = layer.add_expert(anchor=queries.mean(dim=0), n_edits=len(edits))
+        anchors, thresholds = self._new_anchors(edits)
+        index = layer.add_expert(anchors=anchors, thresholds=thresholds, n_edits=len(edits))
         try:
-            with torch.no_grad():
-                ids, _ = layer._route_queries(queries, torch.full_like(layer.thresholds, float("-inf")))
-            misrouted = int((ids[:, 0] != index).sum())
+            misrouted = int((self.routes([e.prompt for e in edits]) != index).sum())
             steps, loss = self._train(edits)
             layer.freeze_expert()
         except BaseException:
             layer.remove_expert()  # never leave a half-trained expert behind
             raise
-        threshold = self._calibrate(index, queries)
         return BatchReport(expert=index, n_edits=len(edits), steps=steps, loss=loss, misrouted=misrouted,
-                           threshold=threshold, seconds=time.perf_counter() - started)
+                           threshold=float(thresholds.mean()), seconds=time.perf_counter() - started)
 
     def _train(self, edits: Sequence[EditRecord]) -> tuple[int, float]:
         cfg = self.editor_config
@@ -172,6 +303,8 @@ class LifelongEditor:
             labels = ids.masked_fill((prompt_mask == 1) | (attention == 0), -100)
             batches.append((ids, attention, prompt_mask, labels))
         n_targets = sum(int((b[3] != -100).sum()) for b in batches)
+        tail = _TailForward(self.model, self.layer)
+        tail.prepare(batches)
         params = list(self.layer.trainable.values())
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         was_training = self.model.training
@@ -181,16 +314,13 @@ class LifelongEditor:
             for step in range(1, cfg.max_steps + 1):
                 optimizer.zero_grad(set_to_none=True)
                 total, correct = 0.0, 0
-                for ids, attention, prompt_mask, labels in batches:
-                    with query_mask(self.model, prompt_mask):
-                        logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-                    shifted, targets = logits[:, :-1].float(), labels[:, 1:]
-                    loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
-                                           ignore_index=-100, reduction="sum") / n_targets
+                for index, batch in enumerate(batches):
+                    logits = tail.scored_logits(index, batch)
+                    _, targets = tail._positions(batch[3])
+                    loss = F.cross_entropy(logits, targets, reduction="sum") / n_targets
                     loss.backward()
-                    total += float(loss)
-                    scored = targets != -100
-                    correct += int((shifted.argmax(-1)[scored] == targets[scored]).sum())
+                    total += float(loss.detach())
+                    correct += int((logits.argmax(-1) == targets).sum())
                 loss_value = total
                 if loss_value < cfg.stop_loss and correct == n_targets:
                     return step, loss_value
@@ -198,16 +328,6 @@ class LifelongEditor:
             return cfg.max_steps, loss_value
         finally:
             self.model.train(was_training)
-
-    def _calibrate(self, index: int, queries: torch.Tensor) -> float:
-        """Threshold = best unrelated score + margin, but never above the batch's own weakest
-        score: the batch's own edits always pass their gate."""
-        anchor = self.layer.anchors[index]
-        own = float((queries @ anchor).min())
-        unrelated = float((self._unrelated() @ anchor).max())
-        threshold = min(unrelated + self.layer.config.gate_margin, own - 1e-6)
-        self.layer.set_threshold(index, threshold)
-        return threshold
 
     def edit(self, edits: Sequence[EditRecord], *, batch_size: int = 20, plan: str = "kmeans",
              seed: int = 0, save_to: Union[str, os.PathLike, None] = None, progress: bool = True,
@@ -222,9 +342,7 @@ class LifelongEditor:
             raise ConfigError("no edits given")
         features = None
         if plan == "kmeans":
-            if self.layer.num_experts == 0 and not self.layer.query_encoder.center.any():
-                self._fit_center([e.prompt for e in edits])
-            features = self.queries([e.prompt for e in edits]).cpu().numpy()
+            features = self.plan_features(edits)
         batches = plan_order(edits, batch_size=batch_size, plan=plan, seed=seed, features=features)
         reports: list[BatchReport] = []
         bar = tqdm(batches, desc="editing", unit="batch", disable=not progress)
@@ -243,6 +361,18 @@ class LifelongEditor:
             save(self.model, save_to)
         return reports
 
+    def plan_features(self, edits: Sequence[EditRecord]):
+        """What k-means clusters edits on: the vectors that will route them (their keys, or
+        their pooled queries), so a batch is a region of routing space."""
+        if self.layer.num_experts == 0 and not self.layer.query_encoder.center.any():
+            self._fit_center([e.prompt for e in edits])
+        prompts = [e.prompt for e in edits]
+        if self._max_pooling:
+            queries = self.token_queries(prompts)
+            positions = self._key_positions(edits, queries)
+            return torch.stack([q[p] for q, p in zip(queries, positions)]).numpy()
+        return self.sequence_queries(prompts).numpy()
+
     def remove_last_batch(self) -> None:
         """Roll back the newest expert (the last edit batch)."""
         self.layer.remove_expert()
@@ -250,3 +380,37 @@ class LifelongEditor:
 
 def report_dict(report: BatchReport) -> dict:
     return dataclasses.asdict(report)
+
+
+def _pad(queries: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-prompt token queries [n_i, k] into [P, T, k] plus a [P, T] validity mask."""
+    length = max(q.shape[0] for q in queries)
+    padded = torch.zeros(len(queries), length, queries[0].shape[1])
+    mask = torch.zeros(len(queries), length, dtype=torch.bool)
+    for i, q in enumerate(queries):
+        padded[i, :q.shape[0]] = q
+        mask[i, :q.shape[0]] = True
+    return padded, mask
+
+
+def _max_sim(padded: torch.Tensor, mask: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Max-pooled scores [P, M]: each prompt's best token against each anchor."""
+    scores = padded @ anchors.T.cpu()
+    return scores.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(dim=1).values
+
+
+def _subject_last_token(tokenizer, prompt: str, subject: Optional[str], n_tokens: int) -> Optional[int]:
+    """Index of the prompt token holding the subject's last character, or None."""
+    if not subject:
+        return None
+    end = prompt.rfind(subject)
+    if end < 0:
+        return None
+    end += len(subject)
+    try:
+        offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+        return len(tokenizer(prompt[:end], add_special_tokens=False)["input_ids"]) - 1
+    shift = n_tokens - len(offsets)  # special tokens the model input has in front
+    hits = [i for i, (a, b) in enumerate(offsets) if a < end and b > a]
+    return hits[-1] + shift if hits else None

@@ -21,7 +21,7 @@ from torch import nn
 from .config import LEMoEConfig
 from .errors import ConfigError
 from .experts import expert_ffn_reference, init_expert
-from .routing import QueryEncoder, l2_normalize, masked_mean, route_reference
+from .routing import QueryEncoder, l2_normalize, masked_mean, route_scores
 
 WEIGHT_NAMES = ("w_up", "w_gate", "w_down")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,7 +32,7 @@ class RouteContext:
     """What the model-level hooks tell the layer about the current forward call."""
 
     attention_mask: Optional[torch.Tensor] = None
-    embeddings: Optional[torch.Tensor] = None
+    embeddings: Optional[torch.Tensor] = None  # the per-token query source vectors [B, T, d]
     continuing: bool = False  # a KV-cache decode step of sequences already routed
 
 
@@ -55,7 +55,9 @@ class LEMoELayer(nn.Module):
         self.expert_dtype = _DTYPES[config.dtype] if config.dtype else dtype
         self.query_encoder = QueryEncoder(hidden_size, config, device=device)
         key_dim = config.anchor_dim(hidden_size)
+        # anchors (keys) of all experts; expert i owns the rows where anchor_expert == i
         self.register_buffer("anchors", torch.zeros(0, key_dim, device=device))
+        self.register_buffer("anchor_expert", torch.zeros(0, dtype=torch.int32, device=device))
         self.register_buffer("thresholds", torch.zeros(0, device=device))
         width = config.expert_hidden
         shapes = {"w_up": (0, hidden_size, width), "w_gate": (0, hidden_size, width),
@@ -78,30 +80,46 @@ class LEMoELayer(nn.Module):
 
     @property
     def num_experts(self) -> int:
+        return len(self.expert_info)
+
+    @property
+    def num_anchors(self) -> int:
         return self.anchors.shape[0]
 
     @property
     def num_frozen(self) -> int:
         return self.w_up.shape[0]
 
-    def add_expert(self, anchor: Optional[torch.Tensor] = None, threshold: float = float("-inf"),
+    def add_expert(self, anchors: Optional[torch.Tensor] = None, thresholds: Any = float("-inf"),
                    trainable: bool = True, **info: Any) -> int:
         """Append a new expert (an exact no-op until trained) and return its index.
 
-        ``trainable=True`` makes its weights trainable parameters (older experts stay
-        frozen); call ``freeze_expert`` when its batch is done. ``info`` is free-form
-        metadata saved with the adaptor (e.g. ``n_edits``).
+        ``anchors``: its key(s), [key_dim] or [n, key_dim] (normalised to unit length); an
+        input is routed to the expert whose best anchor matches it best. ``thresholds``: one
+        gate threshold per anchor (a float applies to all; -inf = never gated).
+        ``trainable=True`` makes its weights trainable parameters (older experts stay frozen);
+        call ``freeze_expert`` when its batch is done. ``info`` is free-form metadata saved with
+        the adaptor (e.g. ``n_edits``).
         """
         if len(self.trainable):
             raise ConfigError("an expert is still trainable: call freeze_expert() before adding another")
         index = self.num_experts
         device = self.anchors.device
+        if anchors is None:
+            anchors = torch.zeros(1, self.anchors.shape[1], device=device)
+        anchors = anchors.detach().to(device).float().reshape(-1, anchors.shape[-1])
+        if anchors.shape[1] != self.anchors.shape[1] or anchors.shape[0] == 0:
+            raise ConfigError(f"anchors must have shape [n >= 1, {self.anchors.shape[1]}], "
+                              f"got {tuple(anchors.shape)}")
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=device).expand(anchors.shape[0])
         weights = init_expert(self.hidden_size, self.config.expert_hidden, self.config.expert_gated,
                               seed=self.config.seed * 1_000_003 + index, device=device,
                               dtype=self.expert_dtype)
-        if anchor is None:
-            anchor = torch.zeros(self.anchors.shape[1], device=device)
-        self._append_anchor(anchor, threshold)
+        nonzero = anchors.abs().sum(dim=1, keepdim=True) > 0
+        self.anchors = torch.cat([self.anchors, torch.where(nonzero, l2_normalize(anchors), anchors)])
+        self.anchor_expert = torch.cat([self.anchor_expert, torch.full(
+            (anchors.shape[0],), index, dtype=torch.int32, device=device)])
+        self.thresholds = torch.cat([self.thresholds, thresholds.clone()])
         if trainable:
             for name in self.weight_names:
                 self.trainable[name] = nn.Parameter(weights[name].float())
@@ -119,7 +137,7 @@ class LEMoELayer(nn.Module):
         self.trainable = nn.ParameterDict()
 
     def remove_expert(self) -> None:
-        """Remove the newest expert (roll back the last edit batch)."""
+        """Remove the newest expert and its anchors (roll back the last edit batch)."""
         if self.num_experts == 0:
             raise ConfigError("the layer has no expert to remove")
         if len(self.trainable):
@@ -128,32 +146,33 @@ class LEMoELayer(nn.Module):
             for name in self.weight_names:
                 stack = getattr(self, name)
                 setattr(self, name, nn.Parameter(stack[:-1].clone(), requires_grad=False))
-        self.anchors = self.anchors[:-1].clone()
-        self.thresholds = self.thresholds[:-1].clone()
+        keep = self.anchor_expert != self.num_experts - 1
+        self.anchors = self.anchors[keep].clone()
+        self.anchor_expert = self.anchor_expert[keep].clone()
+        self.thresholds = self.thresholds[keep].clone()
         self.expert_info.pop()
         self._sequence_route = None
 
-    def set_anchor(self, index: int, anchor: torch.Tensor) -> None:
-        """Set expert ``index``'s key anchor (normalised to unit length)."""
-        self._check_index(index)
-        self.anchors[index] = l2_normalize(anchor.to(self.anchors.device).reshape(-1))
+    def anchor_rows(self, expert: int) -> torch.Tensor:
+        """Indices of expert ``expert``'s anchors in ``anchors`` / ``thresholds``."""
+        self._check_index(expert)
+        return (self.anchor_expert == expert).nonzero(as_tuple=True)[0]
 
-    def set_threshold(self, index: int, threshold: float) -> None:
-        """Set expert ``index``'s gate threshold (cosine score; -inf = never gated)."""
-        self._check_index(index)
-        self.thresholds[index] = float(threshold)
+    def set_anchor(self, expert: int, anchor: torch.Tensor) -> None:
+        """Replace expert ``expert``'s anchors by ``anchor`` ([key_dim] or as many rows as it has)."""
+        rows = self.anchor_rows(expert)
+        values = anchor.to(self.anchors.device).float().reshape(-1, self.anchors.shape[1])
+        self.anchors[rows] = l2_normalize(values).expand(len(rows), -1)
+
+    def set_threshold(self, expert: int, threshold: Any) -> None:
+        """Set the gate threshold(s) of expert ``expert``'s anchors (cosine; -inf = never gated)."""
+        rows = self.anchor_rows(expert)
+        self.thresholds[rows] = torch.as_tensor(threshold, dtype=torch.float32,
+                                                device=self.thresholds.device).expand(len(rows))
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.num_experts:
             raise ConfigError(f"expert index {index} out of range (the layer has {self.num_experts})")
-
-    def _append_anchor(self, anchor: torch.Tensor, threshold: float) -> None:
-        anchor = anchor.to(self.anchors.device).reshape(1, -1)
-        if anchor.shape[1] != self.anchors.shape[1]:
-            raise ConfigError(f"anchor must have {self.anchors.shape[1]} elements, got {anchor.shape[1]}")
-        unit = l2_normalize(anchor) if anchor.abs().sum() > 0 else anchor.float()
-        self.anchors = torch.cat([self.anchors, unit])
-        self.thresholds = torch.cat([self.thresholds, self.thresholds.new_tensor([float(threshold)])])
 
     def _append_frozen(self, weights: dict[str, torch.Tensor]) -> None:
         for name in self.weight_names:
@@ -181,30 +200,46 @@ class LEMoELayer(nn.Module):
         finally:
             self._query_mask = previous
 
-    def pooled_vectors(self, x: torch.Tensor) -> torch.Tensor:
-        """The vectors queries are made of, before centring and projection: [B, d] for sequence
-        routing (mean over the prompt), [B*T, d] for token routing."""
-        source = x
-        if self.config.query_source == "embedding":
-            source = self._context.embeddings
-            if source is None or source.shape[:2] != x.shape[:2]:
-                raise ConfigError(
-                    "query_source='embedding' needs the token embeddings of this forward call: attach "
-                    "the layer to its model with lemoe_engine.attach(model, config) and call the model "
-                    "(or use query_source='hidden' for a standalone layer)")
-        if self.config.routing == "token":
-            return source.reshape(-1, source.shape[-1]).float()
+    def token_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-token vectors queries are made of, [B, T, d] (before centring/projection)."""
+        if self.config.query_source == "hidden":
+            return x
+        source = self._context.embeddings
+        if source is None or source.shape[:2] != x.shape[:2]:
+            raise ConfigError(
+                f"query_source={self.config.query_source!r} needs vectors from the model's forward "
+                "call: attach the layer with lemoe_engine.attach(model, config) and call the model "
+                "(or use query_source='hidden' for a standalone layer)")
+        return source
+
+    def prompt_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """[B, T] mask of the positions a sequence is routed by (its prompt, no padding)."""
         mask = self._context.attention_mask
-        if mask is not None and mask.shape[1] != x.shape[1]:
-            mask = mask[:, -x.shape[1]:]
+        if mask is not None:
+            mask = mask[:, -x.shape[1]:].to(x.device)
         if self._query_mask is not None:
             query_mask = self._query_mask.to(x.device)
-            mask = query_mask if mask is None else mask.to(x.device) * query_mask
-        return masked_mean(source, mask)
+            mask = query_mask if mask is None else mask * query_mask
+        return mask
 
-    def queries(self, x: torch.Tensor) -> torch.Tensor:
-        """Unit-norm queries: [B, key] for sequence routing, [B*T, key] for token routing."""
-        return self.query_encoder(self.pooled_vectors(x))
+    def pooled_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of the token vectors over the prompt, [B, d] (the paper's query, before centring)."""
+        return masked_mean(self.token_vectors(x), self.prompt_mask(x))
+
+    def anchor_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine score of every anchor: [B*T, M] for token routing, [B, M] for sequence routing
+        (mean pooling: of the pooled query; max pooling: of the best-matching prompt token)."""
+        anchors = self.anchors
+        if self.config.routing == "token":
+            vectors = self.token_vectors(x)
+            return self.query_encoder(vectors.reshape(-1, vectors.shape[-1])) @ anchors.T
+        if self.config.query_pooling == "mean":
+            return self.query_encoder(self.pooled_vectors(x)) @ anchors.T
+        scores = self.query_encoder(self.token_vectors(x)) @ anchors.T          # [B, T, M]
+        mask = self.prompt_mask(x)
+        if mask is not None:
+            scores = scores.masked_fill(mask.unsqueeze(-1) == 0, float("-inf"))
+        return scores.max(dim=1).values
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids and weights per token, [B*T, top_k] each."""
@@ -214,8 +249,7 @@ class LEMoELayer(nn.Module):
         if reuse:
             ids, weights = self._sequence_route
         else:
-            thresholds = self.thresholds if self.config.gate else torch.full_like(self.thresholds, float("-inf"))
-            ids, weights = self._route_queries(self.queries(x), thresholds)
+            ids, weights = self._route(x)
             if self.config.routing == "sequence":
                 self._sequence_route = (ids, weights)
         if self.config.routing == "sequence":
@@ -224,12 +258,26 @@ class LEMoELayer(nn.Module):
             weights = weights[:, None, :].expand(batch, length, k).reshape(-1, k)
         return ids, weights
 
-    def _route_queries(self, queries: torch.Tensor, thresholds: torch.Tensor):
-        if self._use_kernels(queries):
+    def gate_thresholds(self) -> torch.Tensor:
+        return self.thresholds if self.config.gate else torch.full_like(self.thresholds, float("-inf"))
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        # every expert has >= 1 anchor and anchors are stored in expert order, so equal counts
+        # mean anchor i is expert i's only one (a shape test: no device sync)
+        one_anchor_each = self.num_anchors == self.num_experts
+        single_query = cfg.routing == "token" or cfg.query_pooling == "mean"
+        if single_query and one_anchor_each and self._use_kernels(x):
+            # the fused kernel: scores, gate, top-k and softmax in one launch
             from kernels import anchor_route
-            return anchor_route(queries.contiguous(), self.anchors, thresholds.float().contiguous(),
-                                self.config.top_k, self.config.temperature)
-        return route_reference(queries, self.anchors, thresholds, self.config.top_k, self.config.temperature)
+            vectors = self.token_vectors(x)
+            vectors = (vectors.reshape(-1, vectors.shape[-1]) if cfg.routing == "token"
+                       else self.pooled_vectors(x))
+            queries = self.query_encoder(vectors).contiguous()
+            return anchor_route(queries, self.anchors, self.gate_thresholds().contiguous(),
+                                cfg.top_k, cfg.temperature)
+        return route_scores(self.anchor_scores(x), self.gate_thresholds(), self.anchor_expert,
+                            self.num_experts, cfg.top_k, cfg.temperature)
 
     # ------------------------------------------------------------------ forward
     def _use_kernels(self, x: torch.Tensor) -> bool:

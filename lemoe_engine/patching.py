@@ -19,28 +19,43 @@ from .config import LEMoEConfig
 from .errors import ConfigError, UnsupportedModelError
 from .layer import LEMoELayer, RouteContext
 
-# model_type -> attribute path of the decoder layer list, relative to the *ForCausalLM model
+# model_type -> attribute paths (relative to the *ForCausalLM model) of the decoder layer list
+# and of the final norm before the LM head
 SUPPORTED_ARCHITECTURES = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "gpt2": "transformer.h",
+    "llama": ("model.layers", "model.norm"),
+    "mistral": ("model.layers", "model.norm"),
+    "qwen2": ("model.layers", "model.norm"),
+    "gpt2": ("transformer.h", "transformer.ln_f"),
 }
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def _module_at(model: nn.Module, path: str) -> nn.Module:
+    module = model
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            raise UnsupportedModelError(f"{type(model).__name__} has no '{path}': pass the *ForCausalLM model")
+    return module
+
+
+def _architecture(model: nn.Module) -> tuple[str, str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    path = SUPPORTED_ARCHITECTURES.get(model_type)
-    if path is None:
+    paths = SUPPORTED_ARCHITECTURES.get(model_type)
+    if paths is None:
         raise UnsupportedModelError(
             f"unsupported architecture {model_type!r} ({type(model).__name__}); LEMoE layers can be "
             f"attached to: {', '.join(sorted(SUPPORTED_ARCHITECTURES))} (Hugging Face *ForCausalLM models)")
-    layers = model
-    for name in path.split("."):
-        layers = getattr(layers, name, None)
-        if layers is None:
-            raise UnsupportedModelError(f"{type(model).__name__} has no '{path}': pass the *ForCausalLM model")
-    return layers
+    return paths
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a supported model."""
+    return _module_at(model, _architecture(model)[0])
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied to the last hidden state before the LM head."""
+    return _module_at(model, _architecture(model)[1])
 
 
 def base_identity(model: nn.Module, layer_index: int) -> dict:
@@ -49,7 +64,7 @@ def base_identity(model: nn.Module, layer_index: int) -> dict:
     return {
         "architecture": config.model_type,
         "hidden_size": int(config.hidden_size),
-        "num_layers": len(_decoder_layers(model)),
+        "num_layers": len(decoder_layers(model)),
         "layer": layer_index,
         "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
     }
@@ -73,16 +88,20 @@ def attach(model: nn.Module, config: Optional[LEMoEConfig] = None) -> LEMoELayer
         raise ConfigError(f"config must be a LEMoEConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"attach expects a torch model, got {type(model).__name__}")
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if find_layer(model) is not None:
         raise ConfigError("this model already has a LEMoE adaptor attached: call detach(model) first")
     index = config.resolved_layer(len(layers))
+    if config.query_layer is not None and config.query_layer > index:
+        raise ConfigError(f"query_source={config.query_source!r} reads decoder layer {config.query_layer}, "
+                          f"which comes after the target layer {index}: use a layer <= {index}")
     parent = layers[index]
     base_mlp = getattr(parent, "mlp", None)
     if base_mlp is None:
         raise UnsupportedModelError(f"decoder layer {index} of {type(model).__name__} has no 'mlp' module")
     layer = LEMoELayer(base_mlp, int(model.config.hidden_size), config)
     layer.base_info = base_identity(model, index)
+    layer.train(base_mlp.training)  # a new module starts in training mode; follow the model's
     parent.mlp = layer
     layer._handles = _install_hooks(model, layer)  # plain attribute: not part of the module tree
     layer._parent = (parent,)
@@ -101,6 +120,8 @@ def detach(model: nn.Module) -> nn.Module:
 
 
 def _install_hooks(model: nn.Module, layer: LEMoELayer) -> list:
+    """The decoder pre-hook tells the layer about the call; a second hook hands it its query
+    source vectors (token embeddings, or the input of decoder layer N)."""
     decoder = model.base_model
     parameters = inspect.signature(decoder.forward).parameters
 
@@ -121,8 +142,17 @@ def _install_hooks(model: nn.Module, layer: LEMoELayer) -> list:
     def after_embedding(module, args, output):
         layer._context.embeddings = output
 
-    return [decoder.register_forward_pre_hook(before_decoder, with_kwargs=True),
-            model.get_input_embeddings().register_forward_hook(after_embedding)]
+    def before_query_layer(module, args, kwargs):
+        layer._context.embeddings = args[0] if args else kwargs["hidden_states"]
+
+    handles = [decoder.register_forward_pre_hook(before_decoder, with_kwargs=True)]
+    source = layer.config.query_source
+    if source == "embedding":
+        handles.append(model.get_input_embeddings().register_forward_hook(after_embedding))
+    elif layer.config.query_layer is not None:
+        block = decoder_layers(model)[layer.config.query_layer]
+        handles.append(block.register_forward_pre_hook(before_query_layer, with_kwargs=True))
+    return handles
 
 
 @contextmanager

@@ -57,6 +57,45 @@ class QueryEncoder(nn.Module):
         return l2_normalize(v)
 
 
+def route_scores(
+    scores: torch.Tensor,
+    thresholds: torch.Tensor,
+    anchor_expert: torch.Tensor,
+    num_experts: int,
+    top_k: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route from anchor scores [S, M] (M anchors, each owned by expert ``anchor_expert[m]``).
+
+    1. Gate: an anchor whose score is under its threshold, or not finite, cannot be chosen.
+    2. An expert's score is the best score among its remaining anchors.
+    3. The ``top_k`` experts by score (ties to the lower expert id) get
+       ``softmax(score / temperature)`` over the chosen ones; empty slots are id -1, weight 0.
+    Returns ``ids`` (int32 [S, top_k]) and ``weights`` (fp32 [S, top_k]).
+    """
+    num_queries = scores.shape[0]
+    ids = torch.full((num_queries, top_k), -1, dtype=torch.int32, device=scores.device)
+    weights = torch.zeros((num_queries, top_k), dtype=torch.float32, device=scores.device)
+    if num_experts == 0 or num_queries == 0:
+        return ids, weights
+    scores = scores.float()
+    passed = torch.isfinite(scores) & (scores >= thresholds.float())
+    scores = torch.where(passed, scores, torch.full_like(scores, float("-inf")))
+    per_expert = torch.full((num_queries, num_experts), float("-inf"), device=scores.device)
+    index = anchor_expert.long().unsqueeze(0).expand(num_queries, -1)
+    per_expert = per_expert.scatter_reduce(1, index, scores, reduce="amax", include_self=True)
+    k = min(top_k, num_experts)
+    # a stable descending sort keeps the lower expert id first among equal scores
+    top_scores, top_ids = torch.sort(per_expert, dim=1, descending=True, stable=True)
+    top_scores, top_ids = top_scores[:, :k], top_ids[:, :k]
+    keep = torch.isfinite(top_scores)
+    logits = torch.where(keep, top_scores / temperature, torch.full_like(top_scores, float("-inf")))
+    probs = torch.nan_to_num(torch.softmax(logits, dim=1), nan=0.0)  # all -inf rows: no expert
+    ids[:, :k] = torch.where(keep, top_ids.to(torch.int32), torch.full_like(top_ids, -1, dtype=torch.int32))
+    weights[:, :k] = torch.where(keep, probs, torch.zeros_like(probs))
+    return ids, weights
+
+
 def route_reference(
     queries: torch.Tensor,
     anchors: torch.Tensor,
@@ -64,28 +103,12 @@ def route_reference(
     top_k: int,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager routing: the oracle the ``anchor_route`` kernel is checked against.
+    """Eager routing with one anchor per expert: the oracle of the ``anchor_route`` kernel.
 
-    Returns ``ids`` (int32 [S, top_k], -1 = no expert) and ``weights`` (fp32 [S, top_k]):
-    top-k by cosine score (ties to the lower id), softmax over the chosen scores / temperature,
-    then each slot whose score is under its expert's threshold is dropped (id -1, weight 0).
-    Non-finite scores never route.
+    ``scores = queries @ anchors.T`` (both unit-norm: cosine), then ``route_scores``: anchors
+    under their threshold are dropped first, then top-k by score with ties to the lower id,
+    softmax over the chosen scores / temperature, id -1 / weight 0 for empty slots.
     """
-    num_queries, num_experts = queries.shape[0], anchors.shape[0]
-    ids = torch.full((num_queries, top_k), -1, dtype=torch.int32, device=queries.device)
-    weights = torch.zeros((num_queries, top_k), dtype=torch.float32, device=queries.device)
-    if num_experts == 0 or num_queries == 0:
-        return ids, weights
     scores = queries.float() @ anchors.float().T
-    scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("-inf")))
-    k = min(top_k, num_experts)
-    # a stable descending sort keeps the lower expert id first among equal scores
-    top_scores, top_ids = torch.sort(scores, dim=1, descending=True, stable=True)
-    top_scores, top_ids = top_scores[:, :k], top_ids[:, :k]
-    finite = torch.isfinite(top_scores)
-    logits = torch.where(finite, top_scores / temperature, torch.full_like(top_scores, float("-inf")))
-    probs = torch.softmax(logits, dim=1)
-    keep = finite & (top_scores >= thresholds.float()[top_ids])
-    ids[:, :k] = torch.where(keep, top_ids.to(torch.int32), torch.full_like(top_ids, -1, dtype=torch.int32))
-    weights[:, :k] = torch.where(keep, probs, torch.zeros_like(probs))
-    return ids, weights
+    experts = torch.arange(anchors.shape[0], device=anchors.device)
+    return route_scores(scores, thresholds, experts, anchors.shape[0], top_k, temperature)

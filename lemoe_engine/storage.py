@@ -39,7 +39,7 @@ def _sha256(path: Path) -> str:
 
 
 def _layer_tensors(layer: LEMoELayer) -> dict[str, torch.Tensor]:
-    tensors = {"anchors": layer.anchors, "thresholds": layer.thresholds,
+    tensors = {"anchors": layer.anchors, "anchor_expert": layer.anchor_expert, "thresholds": layer.thresholds,
                "query_center": layer.query_encoder.center}
     if layer.query_encoder.has_projection:
         tensors["query_down"] = layer.query_encoder.down
@@ -131,7 +131,10 @@ def _check_compatible(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
     count = manifest.get("num_experts")
     d, width = current["hidden_size"], config.expert_hidden
     key_dim = config.anchor_dim(d)
-    expected = {"anchors": (count, key_dim), "thresholds": (count,), "query_center": (d,),
+    anchors = tuple(tensors["anchors"].shape) if "anchors" in tensors else ()
+    n_anchors = anchors[0] if anchors else -1
+    expected = {"anchors": (n_anchors, key_dim), "anchor_expert": (n_anchors,),
+                "thresholds": (n_anchors,), "query_center": (d,),
                 "w_up": (count, d, width), "w_down": (count, width, d)}
     if config.expert_gated:
         expected["w_gate"] = (count, d, width)
@@ -142,6 +145,9 @@ def _check_compatible(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
         if name not in tensors or tuple(tensors[name].shape) != shape:
             found = tuple(tensors[name].shape) if name in tensors else "missing"
             raise AdaptorError(f"adaptor {folder}: tensor '{name}' should have shape {shape}, found {found}")
+    owners = tensors["anchor_expert"]
+    if n_anchors < count or (owners.numel() and (owners.min() < 0 or owners.max() >= count)):
+        raise AdaptorError(f"adaptor {folder}: anchors do not map onto its {count} experts")
     if not isinstance(manifest.get("experts"), list) or len(manifest["experts"]) != count:
         raise AdaptorError(f"adaptor {folder}: manifest lists {len(manifest.get('experts') or [])} "
                            f"experts but num_experts is {count}")
@@ -166,6 +172,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike], backend: str = "auto")
     layer = attach(model, config.replace(layer=saved_layer))
     with torch.no_grad():
         layer.anchors = tensors["anchors"].to(layer.anchors)
+        layer.anchor_expert = tensors["anchor_expert"].to(layer.anchor_expert)
         layer.thresholds = tensors["thresholds"].to(layer.thresholds)
         layer.query_encoder.center.copy_(tensors["query_center"])
         if layer.query_encoder.has_projection:

@@ -16,12 +16,7 @@ from lemoe_engine import evaluation
 from lemoe_engine.evaluation import EditMetrics, evaluate, locality_reference
 from lemoe_engine.tokens import encode_pairs
 
-COUNTRIES = ["France", "Germany", "Japan", "Brazil", "Canada", "Kenya", "Norway", "Peru",
-             "Egypt", "India", "Chile", "Spain", "Italy", "Ghana", "Nepal", "Cuba"]
-CITIES = ["Paris", "Berlin", "Tokyo", "Brasilia", "Ottawa", "Nairobi", "Oslo", "Lima",
-          "Cairo", "New Delhi", "Santiago", "Madrid", "Rome", "Accra", "Kathmandu", "Havana"]
-LANGS = ["French", "German", "Japanese", "Portuguese", "English", "Swahili", "Norwegian",
-         "Spanish", "Arabic", "Hindi"]
+from tiny_models import CITIES, COUNTRIES, LANGS, tiny_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,48 +28,15 @@ class Rec:   # same fields as lemoe_engine.data.EditRecord (duck-typed by evalua
     loc_answer: str
 
 
-def _corpus(rng: random.Random) -> list[str]:
-    out = []
-    for _ in range(400):
-        c, city, lang = rng.choice(COUNTRIES), rng.choice(CITIES), rng.choice(LANGS)
-        out.append(rng.choice([
-            f"The capital of {c} is {city}.",
-            f"What is the capital city of {c}? {city}",
-            f"People in {c} speak {lang}.",
-            f"nq question: which language is spoken in {c} {lang}",
-            f"{city} is a city in {c}.",
-        ]))
-    return out
-
-
-def _make_tokenizer(bos: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(_corpus(random.Random(0)), trainer=trainer)
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
-
-
 @pytest.fixture(scope="module", params=[False, True], ids=["nobos", "bos"])
 def tokenizer(request):
-    return _make_tokenizer(request.param)
+    return tiny_tokenizer(request.param)
 
 
 @pytest.fixture(scope="module")
 def smol_like_tok():
     """No BOS, byte-level BPE: the SmolLM2 setting (the LLaMA tests run on this one only)."""
-    return _make_tokenizer(False)
+    return tiny_tokenizer(False)
 
 
 def _edits(n: int, seed: int) -> list[Rec]:

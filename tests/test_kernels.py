@@ -57,7 +57,8 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------- references
 def route_ref64(q, a, thr, top_k, temperature):
-    """float64 routing: scores, top-k (ties to lower id), softmax over chosen, gate.
+    """float64 routing: scores, gate (under threshold -> never chosen), top-k (ties to lower
+    id), softmax over the chosen.
 
     Returns ids [S, k] int64, weights [S, k] float64, and per-row ``clear`` (no near-tie)."""
     q64, a64 = q.double().cpu(), a.double().cpu()
@@ -70,6 +71,8 @@ def route_ref64(q, a, thr, top_k, temperature):
         return ids, w, clear
     s = q64 @ a64.T
     s = torch.where(torch.isfinite(s), s, torch.full_like(s, -math.inf))
+    raw = s
+    s = torch.where(s >= thr64[None, :], s, torch.full_like(s, -math.inf))
     order = torch.sort(s, dim=1, descending=True, stable=True)
     k = min(top_k, E)
     top_s, top_i = order.values[:, :k], order.indices[:, :k]
@@ -77,16 +80,15 @@ def route_ref64(q, a, thr, top_k, temperature):
     logits = torch.where(chosen, top_s / temperature, torch.full_like(top_s, -math.inf))
     probs = torch.where(chosen, torch.softmax(torch.where(chosen, logits, torch.full_like(logits, -1e300)), 1),
                         torch.zeros_like(logits))
-    keep = chosen & (top_s >= thr64[top_i])
-    ids[:, :k] = torch.where(keep, top_i, torch.full_like(top_i, -1))
-    w[:, :k] = torch.where(keep, probs, torch.zeros_like(probs))
+    ids[:, :k] = torch.where(chosen, top_i, torch.full_like(top_i, -1))
+    w[:, :k] = torch.where(chosen, probs, torch.zeros_like(probs))
     # near-ties: between consecutive sorted scores that decide the top-k, and vs thresholds
     decide = order.values[:, :min(k + 1, E)]
     gaps = (decide[:, :-1] - decide[:, 1:]).abs()
     fin = torch.isfinite(decide[:, :-1]) & torch.isfinite(decide[:, 1:])
     clear &= ~(fin & (gaps < MARGIN)).any(1)
-    thr_gap = (top_s - thr64[top_i]).abs()
-    clear &= ~(chosen & (thr_gap < MARGIN)).any(1)
+    thr_gap = (raw - thr64[None, :]).abs()        # any anchor close to its own threshold
+    clear &= ~(torch.isfinite(thr_gap) & (thr_gap < MARGIN)).any(1)
     return ids, w, clear
 
 
@@ -203,8 +205,8 @@ def test_route_gate_mix_and_poisoned_outputs():
     S, E, D, top_k = 64, 23, 40, 3
     q, a = unit(S, D, g), unit(E, D, g)
     # thresholds between score quantiles; a few experts never gated
-    thr = (torch.rand(E, generator=g) * 0.5 - 0.1).to(DEV)
-    thr[::5] = -math.inf
+    thr = (torch.rand(E, generator=g) * 0.4 + 0.05).to(DEV)
+    thr[::12] = -math.inf          # two experts always pass: a third slot needs a real pass
     out_ids = torch.full((S, top_k), 12345, dtype=torch.int32, device=DEV)
     out_w = torch.full((S, top_k), float("nan"), device=DEV)
     ids, w = anchor_route(q, a, thr, top_k, 0.3, out_ids=out_ids, out_weights=out_w)
@@ -216,10 +218,24 @@ def test_route_gate_mix_and_poisoned_outputs():
     assert rel_err(w[clear], rw[clear]) < 1e-5
     gated = (rid == -1)
     assert gated.any() and (~gated).any(), "the case must mix routed and gated slots"
-    # weights are not renormalised after gating: routed weights of a row sum to < 1 there
+    # the gate acts before the top-k: a row with some empty slots still has weights summing to 1
     partial = gated.any(1) & (~gated).any(1) & clear
     assert partial.any()
-    assert (w.double().cpu()[partial].sum(1) < 1 - 1e-6).all()
+    assert torch.allclose(w.double().cpu()[partial].sum(1), torch.ones(int(partial.sum()), dtype=torch.float64))
+
+
+def test_route_gate_applies_before_top_k():
+    """The best anchor is under its threshold, the second is not: the second is chosen."""
+    g = gen(3002)
+    S, E, D = 6, 5, 32
+    q, a = unit(S, D, g), unit(E, D, g)
+    a[0] = q[0]                                   # query 0's best anchor ...
+    thr = torch.full((E,), -math.inf, device=DEV)
+    thr[0] = 1.5                                  # ... can never pass its gate
+    ids, w = anchor_route(q, a, thr, 1, 0.5)
+    expected = int(torch.argmax((q[0:1].double() @ a.double().T)[0, 1:])) + 1
+    assert int(ids[0, 0]) == expected and float(w[0, 0]) == 1.0
+    assert not (ids == 0).any()
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

@@ -34,7 +34,7 @@ def f64_query(layer, x):
 @pytest.mark.parametrize("top_k,gated,activation,query_hidden", [
     (1, True, "silu", 32), (2, True, "gelu", 0), (3, False, "relu", 16), (2, False, "silu", 32)])
 def test_routed_output_is_base_plus_weighted_experts_float64(top_k, gated, activation, query_hidden):
-    config = LEMoEConfig(query_source="hidden", top_k=top_k, expert_gated=gated, expert_hidden=40,
+    config = LEMoEConfig(query_source="hidden", query_pooling="mean", top_k=top_k, expert_gated=gated, expert_hidden=40,
                          expert_activation=activation, query_hidden=query_hidden, key_dim=24,
                          temperature=0.3, scale=0.7)
     layer, mlp = standalone_layer(config)
@@ -58,7 +58,7 @@ def test_routed_output_is_base_plus_weighted_experts_float64(top_k, gated, activ
 
 
 def test_gated_off_rows_are_bit_identical_to_base_and_routed_rows_are_not():
-    config = LEMoEConfig(query_source="hidden", expert_hidden=32, query_hidden=0)
+    config = LEMoEConfig(query_source="hidden", query_pooling="mean", expert_hidden=32, query_hidden=0)
     layer, mlp = standalone_layer(config)
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     add_random_experts(layer, 3, g)
@@ -76,6 +76,49 @@ def test_gated_off_rows_are_bit_identical_to_base_and_routed_rows_are_not():
         assert not torch.equal(layer(x)[1], base[1])
 
 
+def test_max_pooling_routes_by_the_best_matching_token_with_several_anchors_per_expert():
+    config = LEMoEConfig(query_source="hidden", query_pooling="max", expert_hidden=24, top_k=2,
+                         temperature=0.25, query_hidden=0)
+    layer, mlp = standalone_layer(config)
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    d = layer.hidden_size
+    x = torch.randn(3, 6, d, generator=g)
+    with torch.no_grad():
+        layer.query_encoder.center.normal_(generator=g)
+    for count in (2, 3, 1):                       # experts own 2, 3 and 1 anchors
+        index = layer.add_expert(anchors=torch.randn(count, d, generator=g), trainable=False)
+        for name in layer.weight_names:
+            getattr(layer, name).data[index] = torch.randn(getattr(layer, name).shape[1:], generator=g) * 0.5
+    layer.thresholds.copy_(torch.rand(layer.num_anchors, generator=g) * 0.3 - 0.1)
+    with torch.no_grad():
+        out = layer(x)
+        base = mlp(x).double()
+    q = x.double() - layer.query_encoder.center.double()
+    q = q / q.norm(dim=-1, keepdim=True)
+    anchors = layer.anchors.double()
+    token_scores = torch.einsum("btd,md->btm", q, anchors)
+    scores = token_scores.max(dim=1).values                          # best token per anchor
+    passed = scores >= layer.thresholds.double()
+    expected = base.clone()
+    routed_rows = 0
+    for b in range(3):
+        per_expert = torch.full((3,), float("-inf"), dtype=torch.float64)
+        for m in range(layer.num_anchors):
+            e = int(layer.anchor_expert[m])
+            if passed[b, m]:
+                per_expert[e] = max(per_expert[e], scores[b, m])
+        order = [e for e in torch.argsort(per_expert, descending=True).tolist()[:2] if per_expert[e] > -1e9]
+        if not order:
+            continue
+        routed_rows += 1
+        w = torch.softmax(per_expert[order] / config.temperature, dim=0)
+        for weight, e in zip(w, order):
+            expected[b] += weight * f64_expert(layer, e, x[b].double())
+    err = (out.double() - expected).norm() / expected.norm()
+    assert err < 1e-5, err
+    assert routed_rows >= 1
+
+
 def test_zero_experts_is_the_base_mlp_exactly():
     layer, mlp = standalone_layer(LEMoEConfig(query_source="hidden"))
     x = torch.randn(2, 6, layer.hidden_size)
@@ -88,7 +131,7 @@ def test_attached_with_zero_experts_logits_are_exact(family):
     ids = torch.randint(1, 150, (2, 9))
     with torch.no_grad():
         before = model(ids).logits
-        attach(model, LEMoEConfig(layer=1, expert_hidden=16))
+        attach(model, LEMoEConfig(query_source="embedding", layer=1, expert_hidden=16))
         after = model(ids).logits
     assert torch.equal(before, after)
 
@@ -98,9 +141,9 @@ def test_new_expert_is_a_noop_and_add_remove_keep_frozen_experts_frozen():
     ids = torch.randint(1, 150, (2, 9))
     with torch.no_grad():
         unpatched = model(ids).logits
-    layer = attach(model, LEMoEConfig(layer=1, expert_hidden=16, gate=False))
+    layer = attach(model, LEMoEConfig(query_source="embedding", layer=1, expert_hidden=16, gate=False))
     g = torch.Generator().manual_seed(1)
-    index = layer.add_expert(anchor=torch.randn(layer.anchors.shape[1], generator=g), n_edits=4)
+    index = layer.add_expert(anchors=torch.randn(layer.anchors.shape[1], generator=g), n_edits=4)
     assert index == 0 and layer.expert_info[-1]["n_edits"] == 4
     assert all(p.requires_grad for p in layer.trainable.values())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and "mlp" in n}
@@ -136,10 +179,10 @@ def test_training_reaches_only_the_new_expert():
     model = tiny_model("llama")
     for p in model.parameters():
         p.requires_grad_(False)
-    layer = attach(model, LEMoEConfig(layer=1, expert_hidden=16, gate=False, top_k=2))
+    layer = attach(model, LEMoEConfig(query_source="embedding", layer=1, expert_hidden=16, gate=False, top_k=3))
     g = torch.Generator().manual_seed(2)
     add_random_experts(layer, 2, g)
-    layer.add_expert(anchor=torch.randn(layer.anchors.shape[1], generator=g))
+    layer.add_expert(anchors=torch.randn(layer.anchors.shape[1], generator=g))
     layer.trainable["w_down"].data.normal_()
     frozen = {n: getattr(layer, n).clone() for n in layer.weight_names}
     ids = torch.randint(1, 150, (2, 9))
@@ -162,7 +205,7 @@ def test_token_routing_routes_each_token():
 
 
 def test_embedding_query_needs_an_attached_layer():
-    layer, _ = standalone_layer(LEMoEConfig())
+    layer, _ = standalone_layer(LEMoEConfig(query_source="embedding"))
     add_random_experts(layer, 1, torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError, match="attach"):
         layer(torch.randn(1, 3, layer.hidden_size))

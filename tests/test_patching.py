@@ -14,10 +14,11 @@ def test_attach_then_detach_restores_the_original_module(family):
     model = tiny_model(family)
     layers = model.transformer.h if family == "gpt2" else model.model.layers
     original = layers[2].mlp
-    layer = attach(model, LEMoEConfig(layer=-1, expert_hidden=8))
+    layer = attach(model, LEMoEConfig(query_source="embedding", layer=-1, expert_hidden=8))
     assert layers[2].mlp is layer and layer.base_layer is original and find_layer(model) is layer
+    assert layer.training is False  # follows the (eval-mode) model, so inference can use kernels
     with pytest.raises(ConfigError, match="already"):
-        attach(model, LEMoEConfig(layer=0))
+        attach(model, LEMoEConfig(query_source="embedding", layer=0))
     assert detach(model) is original and layers[2].mlp is original
     assert find_layer(model) is None
     ids = torch.randint(1, 150, (1, 5))
@@ -35,13 +36,13 @@ def test_unsupported_architecture_names_the_supported_ones():
 
 def test_out_of_range_layer():
     with pytest.raises(ConfigError, match=r"out of range.*0\.\.2"):
-        attach(tiny_model("llama"), LEMoEConfig(layer=3))
+        attach(tiny_model("llama"), LEMoEConfig(query_source="embedding", layer=3))
 
 
-def _edited(family, query_source, routing="sequence", seed=0):
+def _edited(family, query_source, routing="sequence", seed=0, pooling="mean"):
     model = tiny_model(family, seed=seed)
     layer = attach(model, LEMoEConfig(layer=1, expert_hidden=24, query_source=query_source,
-                                      routing=routing, top_k=2, temperature=0.2))
+                                      routing=routing, top_k=2, temperature=0.2, query_pooling=pooling))
     g = torch.Generator().manual_seed(seed + 7)
     add_random_experts(layer, 4, g, scale=2.0)
     return model, layer
@@ -51,18 +52,20 @@ def _prompts_and_route_anchors(model, layer, prompts, attention_mask):
     """Anchor expert i on prompt i's own query, and gate so each prompt only reaches its expert."""
     with torch.no_grad(), query_mask(model, None):
         model(input_ids=prompts, attention_mask=attention_mask)
-    context = layer._context
     from lemoe_engine.routing import masked_mean
-    source = context.embeddings
-    queries = layer.query_encoder(masked_mean(source, attention_mask))
+    source = layer._context.embeddings
+    if layer.config.query_pooling == "mean":
+        queries = layer.query_encoder(masked_mean(source, attention_mask))
+    else:  # max pooling: key each prompt on its last token
+        queries = layer.query_encoder(source[:, -1])
     for i in range(queries.shape[0]):
         layer.set_anchor(i, queries[i])
         layer.set_threshold(i, 0.98)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_kv_cache_decode_uses_the_prompt_route_like_a_full_forward(family):
-    model, layer = _edited(family, "embedding")
+@pytest.mark.parametrize("family,pooling", [("llama", "mean"), ("gpt2", "mean"), ("llama", "max")])
+def test_kv_cache_decode_uses_the_prompt_route_like_a_full_forward(family, pooling):
+    model, layer = _edited(family, "embedding", pooling=pooling)
     prompts = torch.randint(5, 150, (3, 7))
     attention_mask = torch.ones_like(prompts)
     prompts[0, :2] = 0

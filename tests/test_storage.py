@@ -12,7 +12,7 @@ from tiny_models import add_random_experts, tiny_model
 
 def edited_model(seed=0, family="llama", hidden=48):
     model = tiny_model(family, seed=seed, hidden=hidden)
-    layer = attach(model, LEMoEConfig(layer=1, expert_hidden=24, top_k=2, gate=True))
+    layer = attach(model, LEMoEConfig(query_source="embedding", layer=1, expert_hidden=24, top_k=2, gate=True))
     add_random_experts(layer, 3, torch.Generator().manual_seed(seed + 1))
     for e in range(3):
         layer.set_threshold(e, -0.5 + 0.1 * e)

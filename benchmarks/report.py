@@ -1,0 +1,245 @@
+"""Turn ``benchmarks/results.json`` into ``benchmarks/RESULTS.md``.
+
+    python benchmarks/report.py [results.json] [RESULTS.md]
+
+One table per section (routing, layer, end to end) and per run; every table names its
+device, date, dtypes, shapes and the command that produced it. GPU rows also show the
+achieved fraction of the ceilings measured in the same run (device-to-device copy bandwidth,
+bf16 / fp32 matmul rate). When the file holds no GPU rows, the report says so plainly in
+"GPU figures: owed".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = (
+    ("routing", "Routing latency: `anchor_route` (Triton) vs eager `route_reference`"),
+    ("layer", "Layer latency: LEMoE layer (base LLaMA MLP + experts) vs the bare base MLP"),
+    ("end_to_end", "End to end: edited vs unedited model"),
+)
+GPU_COMMAND = "bash benchmarks/gpu_run.sh"
+
+
+def _us(v) -> str:
+    if v is None:
+        return "-"
+    if v >= 1e5:
+        return f"{v / 1e3:,.0f} ms" if v >= 1e6 else f"{v / 1e3:,.1f} ms"
+    if v >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v, digits=1) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def _err(v) -> str:
+    return "-" if v is None else f"{v:.1e}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _caption(meta: dict, rows: list[dict], shapes: str) -> list[str]:
+    dtypes = ", ".join(sorted({r["dtype"] for r in rows}))
+    v = meta.get("versions", {})
+    lines = [f"- **Device**: {meta['device']}",
+             f"- **Date**: {meta['date']}",
+             f"- **Command**: `{meta['command']}`",
+             f"- **dtype**: {dtypes}; **shapes**: {shapes}",
+             f"- **Software**: torch {v.get('torch')}, triton {v.get('triton')}, "
+             f"transformers {v.get('transformers')}, pytest-benchmark {v.get('pytest_benchmark')}"]
+    if meta.get("device_kind") == "cpu":
+        load = meta.get("loadavg_at_end")
+        lines.append(f"- **CPU threads**: {meta.get('torch_threads')} torch threads"
+                     + (f"; load average at the end of the run {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
+                        if load else ""))
+    c = meta.get("ceilings")
+    if c:
+        lines.append(f"- **Measured ceilings (same run)**: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+                     f"bf16 matmul {c['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, "
+                     f"fp32 matmul {c['fp32_matmul_flops_per_s'] / 1e12:.1f} TFLOP/s ({c['how']})")
+    lines.append("- Times: median of the pytest-benchmark rounds (host clock, each call synchronised)"
+                 + ("; device µs: median CUDA-event time from `triton.testing.do_bench` with L2 flushed, "
+                    "used for the achieved fractions" if meta.get("device_kind") == "cuda" else ""))
+    return lines + [""]
+
+
+def _by_run(rows: list[dict]) -> dict:
+    groups: dict = defaultdict(list)
+    for r in rows:
+        groups[r["run"]].append(r)
+    return groups
+
+
+def _gpu_cols(r: dict) -> list[str]:
+    return [_us(r.get("device_us")), _pct(r.get("hbm_fraction")), _pct(r.get("compute_fraction"))]
+
+
+def routing_table(rows: list[dict], gpu: bool) -> list[str]:
+    eager = {(r["shapes"]["S"], r["shapes"]["E"]): r for r in rows if r["backend"] == "eager"}
+    header = ["S", "E", "d", "top_k", "backend", "median µs"]
+    if gpu:
+        header += ["device µs", "% copy BW", "% fp32 matmul", "vs eager"]
+    header += ["rows checked", "max weight err"]
+    out = []
+    for r in sorted(rows, key=lambda r: (r["shapes"]["S"], r["shapes"]["E"], r["backend"] != "triton")):
+        s, c = r["shapes"], r["checks"]
+        line = [str(s["S"]), str(s["E"]), str(s["d"]), str(s["top_k"]), r["backend"], _us(r["median_us"])]
+        if gpu:
+            ref = eager.get((s["S"], s["E"]))
+            ratio = (f"{ref['median_us'] / r['median_us']:.1f}x faster"
+                     if r["backend"] == "triton" and ref else "-")
+            line += _gpu_cols(r) + [ratio]
+        line += [f"{c.get('rows_checked', '-')}/{s['S']}", _err(c.get("max_weight_err"))]
+        out.append(line)
+    return _table(header, out)
+
+
+def layer_table(rows: list[dict], gpu: bool) -> list[str]:
+    base = {(r["shapes"]["set"], r["shapes"]["tokens"]): r for r in rows if r["backend"] == "base"}
+    header = ["set", "phase", "tokens (B x T)", "E", "H", "k", "backend", "median µs", "over base µs"]
+    if gpu:
+        header += ["device µs", "device over base µs", "% copy BW", "% matmul"]
+    header += ["experts touched", "check (rel err)"]
+    order = {"base": 0, "triton": 1, "eager": 2}
+
+    def key(r):
+        s = r["shapes"]
+        return (s["set"], s.get("expert_hidden", 0), s.get("experts", 0), s.get("top_k", 0), s["tokens"],
+                order.get(r["backend"], 9))
+
+    out = []
+    for r in sorted(rows, key=key):
+        s, c = r["shapes"], r["checks"]
+        b = base.get((s["set"], s["tokens"]))
+        over = _us(r["median_us"] - b["median_us"]) if (b and r["backend"] != "base") else "-"
+        check = c.get("rel_err_delta_vs_eager", c.get("rel_err_sampled_rows_vs_fp32", c.get("rel_err_vs_formula")))
+        line = [s["set"], s["phase"], f"{s['tokens']} ({s['batch']} x {s['seq']})", str(s.get("experts", "-")),
+                str(s.get("expert_hidden", "-")), str(s.get("top_k", "-")), r["backend"], _us(r["median_us"]), over]
+        if gpu:
+            dev_over = (_us(r["device_us"] - b["device_us"])
+                        if (b and r["backend"] != "base" and r.get("device_us") and b.get("device_us")) else "-")
+            line += [_us(r.get("device_us")), dev_over, _pct(r.get("hbm_fraction")), _pct(r.get("compute_fraction"))]
+        line += [str(c.get("experts_touched", "-")), _err(check)]
+        out.append(line)
+    return _table(header, out)
+
+
+def _adaptor(s: dict) -> str:
+    if not s.get("experts"):
+        return "-"
+    where = f"layer {s['layer']}, " if s.get("layer") is not None else ""
+    query = "/".join(str(s[k]) for k in ("query_source", "query_pooling") if k in s)
+    return f"{s['experts']} x H{s['expert_hidden']}, {where}query {query}"
+
+
+def e2e_table(rows: list[dict], gpu: bool) -> list[str]:
+    unedited = {r["case"]: r for r in rows if r["backend"] == "unedited"}
+    header = ["model", "phase", "batch", "prompt", "new tokens", "variant", "adaptor", "median", "tokens/s",
+              "decode tokens/s", "time vs unedited", "paired vs disabled"]
+    out = []
+    for r in sorted(rows, key=lambda r: (r["case"], r["backend"] != "unedited", r["backend"])):
+        s = r["shapes"]
+        u = unedited.get(r["case"])
+        ratio = f"{r['median_us'] / u['median_us']:.3f}x" if (u and r is not u) else "-"
+        out.append([s["model"], s["phase"], str(s["batch"]), str(s["prompt_tokens"]),
+                    str(s.get("new_tokens", "-")), r["backend"], _adaptor(s), _us(r["median_us"]) + (" µs" if r["median_us"] < 1e5 else ""),
+                    _num(r.get("tokens_per_s")), _num(r.get("decode_tokens_per_s")), ratio,
+                    f"{r['paired_ratio_vs_disabled']:.3f}x" if r.get("paired_ratio_vs_disabled") else "-"])
+    return _table(header, out)
+
+
+SHAPES_TEXT = {
+    "routing": "queries S x d and anchors E x d (unit-norm fp32), d = 4096, top_k = 2, temperature 0.1, "
+               "random thresholds (some slots gated)",
+    "layer": "base = transformers LlamaMLP (d x mlp x d, SiLU); experts gated (SwiGLU) of hidden H, "
+             "query_source='hidden', sequence routing with mean pooling, gate off; decode = B sequences x 1 "
+             "token, prefill = 8 sequences x tokens/8",
+    "end_to_end": "adaptor of 5 random experts (hidden 1024) at the model's default layer, gate off, the "
+                  "engine's default query settings (column 'adaptor'); greedy decode of random prompt tokens; "
+                  "'decode tokens/s' excludes the prefill (generate time minus a separately timed prefill); "
+                  "'paired vs disabled' (CPU runs): median time of the edited model over the same model with its "
+                  "adaptor disabled, measured in 3 alternating pairs so both see the same machine load",
+}
+TABLES = {"routing": routing_table, "layer": layer_table, "end_to_end": e2e_table}
+
+
+def render(data: dict) -> str:
+    runs, rows = data.get("runs", {}), data.get("rows", [])
+    gpu_rows = [r for r in rows if runs.get(r["run"], {}).get("device_kind") == "cuda"]
+    lines = ["# Benchmark results", "",
+             "Generated by `python benchmarks/report.py` from `benchmarks/results.json`, which "
+             "`python -m pytest benchmarks` writes (benchmarking enabled; rows are keyed by device, so CPU "
+             "and GPU runs merge). Every figure below passed its benchmark's correctness check in the same "
+             "run (see the benchmark files' docstrings).", ""]
+    lines += ["## How these figures are made", "",
+              "- CPU figures: `LEMOE_BENCH_THREADS=1 python -m pytest benchmarks -q`, then "
+              "`python benchmarks/report.py` (the exact command of each run is in its table's caption).",
+              "- GPU figures: `bash benchmarks/gpu_run.sh` on a CUDA machine (GPU tests, this suite with "
+              "benchmarking enabled, compute-sanitizer memcheck + racecheck on `benchmarks/sanitize_case.py`, "
+              "this report); it copies `results.json`, `RESULTS.md` and its logs to `$OUT` when set.",
+              "- CI: `python -m pytest benchmarks --benchmark-disable -q` runs every benchmark body once as a "
+              "test (all checks, no timing) and writes no results.",
+              "- Bytes and FLOPs counted per GPU row: routing reads queries and anchors once and writes ids and "
+              "weights; a layer reads the base MLP weights, the weights of each distinct expert its tokens "
+              "are routed to, the routing state, and its input and output activations once.", ""]
+    if not gpu_rows:
+        lines += ["## GPU figures: owed", "",
+                  "**No GPU run has been made yet.** No GPU was lent to the session that built this suite, "
+                  "so every figure below is a CPU figure of the eager path; the Triton kernels have not been "
+                  f"timed. A session with a GPU runs `{GPU_COMMAND}` (GPU tests, this suite with "
+                  "benchmarking enabled, compute-sanitizer racecheck + memcheck), then "
+                  "`python benchmarks/report.py`, and commits `benchmarks/results.json` and this file.", ""]
+    cpu_runs = [m for m in runs.values() if m.get("device_kind") == "cpu"]
+    if cpu_runs:
+        lines += ["## Caveat on CPU timings", "",
+                  "CPU figures come from a 2-core development machine shared with other work (the lead's "
+                  "editing experiments ran at the same time), so they are noisy and only indicate orders of "
+                  "magnitude; the load average recorded at the end of each run is given in its caption. "
+                  "The CPU path is the eager PyTorch reference: the Triton interpreter is not a speed figure "
+                  "and is not timed. Between the edited and the unedited model, differences of up to about 20% are "
+                  "within this machine's noise; the 'paired vs disabled' column, measured in alternating "
+                  "pairs, is the fairer comparison.", ""]
+    for section, title in SECTIONS:
+        section_rows = [r for r in rows if r["section"] == section]
+        if not section_rows:
+            continue
+        lines += [f"## {title}", ""]
+        groups = _by_run(section_rows)
+        ordered = sorted(groups, key=lambda k: (runs.get(k, {}).get("device_kind") != "cuda",
+                                                runs.get(k, {}).get("date", "")))
+        for run_id in ordered:
+            meta = runs.get(run_id, {"device": "?", "date": "?", "command": "?"})
+            group = groups[run_id]
+            gpu = meta.get("device_kind") == "cuda"
+            lines += [f"### {meta['device']} ({meta['date'][:10]})", ""]
+            lines += _caption(meta, group, SHAPES_TEXT[section])
+            lines += TABLES[section](group, gpu) + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str]) -> int:
+    src = Path(argv[1]) if len(argv) > 1 else HERE / "results.json"
+    dst = Path(argv[2]) if len(argv) > 2 else HERE / "RESULTS.md"
+    data = json.loads(src.read_text()) if src.exists() else {"runs": {}, "rows": []}
+    dst.write_text(render(data))
+    print(f"wrote {dst} ({len(data.get('rows', []))} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

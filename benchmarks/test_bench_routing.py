@@ -1,0 +1,101 @@
+"""Routing latency: the fused ``anchor_route`` Triton kernel vs the eager ``route_reference``.
+
+Grid: S (queries) in {1, 8, 64, 512, 4096} x E (anchors) in {1, 5, 64, 1024}, d = 4096,
+top_k = 2, temperature 0.1, fp32 unit-norm queries and anchors (as the layer passes them),
+random thresholds so that some slots are gated.
+
+* triton rows: GPU only (the CPU interpreter is no speed figure); skipped with a reason on CPU.
+* eager rows: everywhere; on CPU the S = 4096 rows are left to the GPU run to keep CPU time short.
+
+Every case checks its result against a float64 recomputation written in benchlib (ids
+exactly, weights to 1e-5, on rows without near-ties), and triton rows also against the eager
+reference on the same inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import benchlib
+from benchlib import CUDA, DEV
+from lemoe_engine.routing import route_reference
+
+D = 4096
+TOP_K = 2
+TEMPERATURE = 0.1
+S_GRID = (1, 8, 64, 512, 4096)
+E_GRID = (1, 5, 64, 1024)
+CPU_MAX_S = 512
+
+gpu_only = [pytest.mark.gpu]
+gpu_size = [pytest.mark.gpu, pytest.mark.skipif(
+    not CUDA, reason="full-size eager case: measured in the GPU run (the CPU run uses S <= 512)")]
+
+
+def _cases():
+    for S in S_GRID:
+        for E in E_GRID:
+            yield pytest.param(S, E, "triton", marks=gpu_only, id=f"triton-S{S}-E{E}")
+            marks = gpu_size if S > CPU_MAX_S else []
+            yield pytest.param(S, E, "eager", marks=marks, id=f"eager-S{S}-E{E}")
+
+
+def _inputs(S: int, E: int):
+    g = torch.Generator().manual_seed(1000 * S + E)
+    queries = benchlib.unit_rows(S, D, g)
+    anchors = benchlib.unit_rows(E, D, g)
+    # cosine scores of random 4096-d unit vectors are ~N(0, 1/64): thresholds in this band
+    # gate some of the chosen slots and let others through
+    thresholds = ((torch.rand(E, generator=g) * 0.06) - 0.02).to(DEV)
+    return queries, anchors, thresholds
+
+
+@pytest.mark.parametrize("S,E,backend", list(_cases()))
+def test_routing_latency(benchmark, bench_rows, request, S, E, backend):
+    queries, anchors, thresholds = _inputs(S, E)
+    if backend == "triton":
+        from kernels import anchor_route
+
+        ids = torch.empty((S, TOP_K), dtype=torch.int32, device=DEV)
+        weights = torch.empty((S, TOP_K), dtype=torch.float32, device=DEV)
+
+        def op():
+            return anchor_route(queries, anchors, thresholds, TOP_K, TEMPERATURE,
+                                out_ids=ids, out_weights=weights)
+    else:
+        def op():
+            return route_reference(queries, anchors, thresholds, TOP_K, TEMPERATURE)
+
+    def timed():
+        result = op()
+        benchlib.sync()
+        return result
+
+    benchmark.group = f"routing S={S}"
+    benchmark.extra_info.update(S=S, E=E, d=D, top_k=TOP_K, backend=backend)
+    if backend == "triton":
+        ids.fill_(-7)  # poison: every element must be written
+        weights.fill_(float("nan"))
+    got_ids, got_weights = benchmark(timed)
+
+    checks = benchlib.check_route_float64(queries, anchors, thresholds, TOP_K, TEMPERATURE,
+                                          got_ids, got_weights)
+    assert got_ids.dtype == torch.int32 and got_weights.dtype == torch.float32
+    assert bool(((got_ids >= -1) & (got_ids < E)).all())
+    assert not bool(torch.isnan(got_weights).any())
+    if backend == "triton":
+        ref_ids, ref_weights = route_reference(queries, anchors, thresholds, TOP_K, TEMPERATURE)
+        agree = (got_ids == ref_ids).all(dim=1).float().mean().item()
+        assert agree >= 0.99, f"triton and eager ids agree on only {agree:.3f} of rows"
+        same = (got_ids == ref_ids).all(dim=1)
+        checks["max_weight_diff_vs_eager"] = float((got_weights[same] - ref_weights[same]).abs().max())
+        assert checks["max_weight_diff_vs_eager"] < 1e-5
+
+    device_us = benchlib.device_time_us(op) if (CUDA and benchmark.enabled) else None
+    nbytes = (S * D + E * D) * 4 + E * 4 + S * TOP_K * 8
+    flops = 2 * S * E * D
+    bench_rows.add(benchmark, section="routing", case=f"S{S}-E{E}", backend=backend,
+                   dtype=torch.float32, shapes={"S": S, "E": E, "d": D, "top_k": TOP_K},
+                   checks=checks, device_us=device_us, request=request,
+                   extra=benchlib.roofline_fields(nbytes, flops, torch.float32, device_us))

@@ -1,0 +1,142 @@
+"""LifelongEditor on tiny random models: real edits, freeze semantics, save/reload/continue."""
+
+import random
+
+import pytest
+import torch
+
+from lemoe_engine import ConfigError, LEMoEConfig, find_layer, load, save
+from lemoe_engine.data import EditRecord
+from lemoe_engine.editor import EditorConfig, LifelongEditor
+from lemoe_engine.evaluation import evaluate, locality_reference
+from lemoe_engine.tokens import encode_pairs
+from tiny_models import CITIES, COUNTRIES, tiny_model, tiny_tokenizer
+
+UNRELATED = ["What is 3 plus 4?", "Which letter comes after B?", "How many days are in a week?",
+             "What is 10 minus 7?", "Which month follows May?", "What is 6 times 2?"]
+
+
+def tiny_edits(n, seed=0):
+    rng = random.Random(seed)
+    countries = rng.sample(COUNTRIES, n)
+    return [EditRecord(prompt=f"What is the capital city of {c}?", target=rng.choice(CITIES),
+                       rephrase=f"The capital of {c} is", loc_prompt=f"What is {i} plus {i + 2}?",
+                       loc_answer=str(2 * i + 2), subject=c) for i, c in enumerate(countries)]
+
+
+def llama_for(tok, seed=0, layers=4):
+    model = tiny_model("llama", seed=seed, vocab=len(tok), layers=layers, hidden=64)
+    model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+CONFIG = LEMoEConfig(layer=2, query_source="layer1", expert_hidden=64, gate_margin=0.02)
+# a tiny random model cannot push its near-uniform logits to a low loss: stop on argmax alone
+FAST = EditorConfig(learning_rate=0.1, max_steps=80, stop_loss=5.5)
+
+
+def target_argmax_hits(model, tok, edit):
+    (row,) = encode_pairs(tok, [edit.prompt], [edit.target])
+    ids = torch.tensor([row.ids])
+    mask = torch.zeros_like(ids)
+    mask[0, :row.prompt_len] = 1
+    from lemoe_engine import query_mask
+    with torch.no_grad(), query_mask(model, mask):
+        logits = model(input_ids=ids).logits[0]
+    predicted = logits[row.prompt_len - 1:len(row.ids) - 1].argmax(-1)
+    return predicted.tolist() == row.ids[row.prompt_len:]
+
+
+def test_one_edit_changes_the_argmax_of_its_target():
+    tok = tiny_tokenizer(False)
+    model = llama_for(tok)
+    edit = tiny_edits(1)[0]
+    assert not target_argmax_hits(model, tok, edit)
+    editor = LifelongEditor(model, tok, CONFIG, FAST, unrelated_prompts=UNRELATED)
+    report = editor.edit_batch([edit])
+    assert report.expert == 0 and report.misrouted == 0 and report.steps < FAST.max_steps
+    assert target_argmax_hits(model, tok, edit)
+    # an unrelated prompt is gated off: the output is the unedited model's, bit for bit
+    ids = tok(UNRELATED[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        edited = model(input_ids=ids).logits
+        layer = find_layer(model)
+        layer.disabled = True
+        base = model(input_ids=ids).logits
+        layer.disabled = False
+    assert torch.equal(edited, base)
+
+
+def test_older_experts_stay_bit_identical_and_edits_survive_later_batches():
+    tok = tiny_tokenizer(False)
+    model = llama_for(tok, seed=1)
+    edits = tiny_edits(6, seed=1)
+    editor = LifelongEditor(model, tok, CONFIG, FAST, unrelated_prompts=UNRELATED)
+    editor.edit_batch(edits[:3])
+    layer = editor.layer
+    frozen = {n: getattr(layer, n).detach().clone() for n in layer.weight_names}
+    anchors = layer.anchors.clone()
+    editor.edit_batch(edits[3:])
+    for name, before in frozen.items():
+        assert torch.equal(getattr(layer, name)[0], before[0]), name
+        assert not getattr(layer, name).requires_grad
+    assert torch.equal(layer.anchors[:3], anchors) and layer.num_experts == 2
+    reference = locality_reference(model, tok, edits, progress=False)
+    metrics = evaluate(model, tok, edits, locality_ref=reference, progress=False)
+    assert metrics.reliability == 1.0
+    editor.remove_last_batch()
+    assert layer.num_experts == 1 and layer.num_anchors == 3
+
+
+def test_save_reload_and_continue_editing(tmp_path):
+    tok = tiny_tokenizer(False)
+    edits = tiny_edits(6, seed=2)
+    model = llama_for(tok, seed=2)
+    LifelongEditor(model, tok, CONFIG, FAST, unrelated_prompts=UNRELATED).edit(
+        edits[:3], batch_size=3, save_to=tmp_path / "a", progress=False)
+    fresh = llama_for(tok, seed=2)
+    load(fresh, tmp_path / "a", backend="eager")
+    editor = LifelongEditor(fresh, tok, None, FAST, unrelated_prompts=UNRELATED)
+    assert editor.layer.num_experts == 1
+    editor.edit(edits[3:], batch_size=3, save_to=tmp_path / "b", progress=False)
+    again = llama_for(tok, seed=2)
+    layer = load(again, tmp_path / "b", backend="eager")
+    assert layer.num_experts == 2 and [e["n_edits"] for e in layer.expert_info] == [3, 3]
+    assert all(target_argmax_hits(again, tok, e) for e in edits)
+
+
+def test_interrupt_keeps_completed_experts_saved(tmp_path, monkeypatch):
+    tok = tiny_tokenizer(False)
+    model = llama_for(tok, seed=3)
+    editor = LifelongEditor(model, tok, CONFIG, FAST, unrelated_prompts=UNRELATED)
+    calls = {"n": 0}
+    original = editor._train
+
+    def train_then_interrupt(edits):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(edits)
+
+    monkeypatch.setattr(editor, "_train", train_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        editor.edit(tiny_edits(6, seed=3), batch_size=3, plan="none", save_to=tmp_path / "a", progress=False)
+    assert editor.layer.num_experts == 1 and not len(editor.layer.trainable)
+    assert load(llama_for(tok, seed=3), tmp_path / "a").num_experts == 1
+
+
+def test_mean_pooling_editor_and_argument_errors():
+    tok = tiny_tokenizer(False)
+    model = llama_for(tok, seed=4)
+    config = CONFIG.replace(query_pooling="mean")
+    editor = LifelongEditor(model, tok, config, FAST, unrelated_prompts=UNRELATED)
+    report = editor.edit_batch(tiny_edits(2, seed=4))
+    assert editor.layer.num_anchors == 1 and report.n_edits == 2
+    with pytest.raises(ConfigError, match="another config"):
+        LifelongEditor(model, tok, CONFIG, FAST)
+    with pytest.raises(ConfigError, match="at least one"):
+        editor.edit_batch([])
+    with pytest.raises(ConfigError, match="learning_rate"):
+        EditorConfig(learning_rate=0)
+    with pytest.raises(ConfigError, match="unrelated_prompts"):
+        LifelongEditor(llama_for(tok), tok, CONFIG, FAST, unrelated_prompts=[])
