@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 DEMO_EDITS = 30
-DEMO_BATCH = 10
 
 
 def _load(model_name: str, adaptor: Optional[str] = None, backend: str = "auto"):
@@ -158,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     def editing_args(p, limit_default=None):
         p.add_argument("--layer", type=int, default=None, help="decoder layer to edit (default: 18/32 of depth)")
         p.add_argument("--expert-hidden", type=int, default=None, help="expert FFN width")
-        p.add_argument("--batch-size", type=int, default=DEMO_BATCH, help="edits per expert")
+        from .editor import DEFAULT_BATCH_SIZE
+        p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="edits per expert")
         p.add_argument("--limit", type=int, default=limit_default, help="use the first N edits")
         p.add_argument("--seed", type=int, default=0)
 

@@ -9,7 +9,7 @@ tells it the attention mask and whether the call continues sequences already in 
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator, Optional
 
 import torch
@@ -119,9 +119,10 @@ def detach(model: nn.Module) -> nn.Module:
     return layer.base_layer
 
 
-def _install_hooks(model: nn.Module, layer: LEMoELayer) -> list:
-    """The decoder pre-hook tells the layer about the call; a second hook hands it its query
-    source vectors (token embeddings, or the input of decoder layer N)."""
+def watch_calls(model: nn.Module, callback) -> "torch.utils.hooks.RemovableHandle":
+    """Before each forward of ``model``'s decoder stack, call ``callback(attention_mask,
+    inputs_embeds, continuing)``; ``continuing`` is True when the call extends sequences already
+    in its KV cache (a decode step). Returns the hook handle."""
     decoder = model.base_model
     parameters = inspect.signature(decoder.forward).parameters
 
@@ -135,9 +136,18 @@ def _install_hooks(model: nn.Module, layer: LEMoELayer) -> list:
             cached = int(cache.get_seq_length())
         elif isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
             cached = int(cache[0][0].shape[-2])
-        layer.set_route_context(RouteContext(attention_mask=bound.get("attention_mask"),
-                                             embeddings=bound.get("inputs_embeds"),
-                                             continuing=cached > 0))
+        callback(bound.get("attention_mask"), bound.get("inputs_embeds"), cached > 0)
+
+    return decoder.register_forward_pre_hook(before_decoder, with_kwargs=True)
+
+
+def _install_hooks(model: nn.Module, layer: LEMoELayer) -> list:
+    """The decoder pre-hook tells the layer about the call; a second hook hands it its query
+    source vectors (token embeddings, or the input of decoder layer N)."""
+
+    def on_call(attention_mask, inputs_embeds, continuing):
+        layer.set_route_context(RouteContext(attention_mask=attention_mask, embeddings=inputs_embeds,
+                                             continuing=continuing))
 
     def after_embedding(module, args, output):
         layer._context.embeddings = output
@@ -145,7 +155,7 @@ def _install_hooks(model: nn.Module, layer: LEMoELayer) -> list:
     def before_query_layer(module, args, kwargs):
         layer._context.embeddings = args[0] if args else kwargs["hidden_states"]
 
-    handles = [decoder.register_forward_pre_hook(before_decoder, with_kwargs=True)]
+    handles = [watch_calls(model, on_call)]
     source = layer.config.query_source
     if source == "embedding":
         handles.append(model.get_input_embeddings().register_forward_hook(after_embedding))
@@ -158,12 +168,13 @@ def _install_hooks(model: nn.Module, layer: LEMoELayer) -> list:
 @contextmanager
 def query_mask(model: nn.Module, mask: Optional[torch.Tensor]) -> Iterator[None]:
     """Route sequences by the positions where ``mask`` is 1 (the prompt, when scoring
-    prompt+target teacher-forced). A no-op when no adaptor is attached."""
-    layer = find_layer(model)
-    if layer is None:
-        yield
-        return
-    with layer.query_mask(mask):
+    prompt+target teacher-forced). Applies to every module of ``model`` that routes by the
+    prompt (it has a ``query_mask(mask)`` context manager: the LEMoE layer, the GRACE baseline);
+    a no-op when there is none."""
+    with ExitStack() as stack:
+        for module in model.modules():
+            if module is not model and callable(getattr(module, "query_mask", None)):
+                stack.enter_context(module.query_mask(mask))
         yield
 
 

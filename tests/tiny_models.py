@@ -69,17 +69,17 @@ def _corpus(rng: random.Random) -> list[str]:
 
 
 @functools.lru_cache(maxsize=2)
-def tiny_tokenizer(bos: bool = False):
+def tiny_tokenizer(bos: bool = False, vocab_size: int = 420, corpus: tuple = ()):
     """A byte-level BPE trained here (no download): the SmolLM2 setting when bos=False."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(_corpus(random.Random(0)), trainer=trainer)
+    tok.train_from_iterator(list(corpus) or _corpus(random.Random(0)), trainer=trainer)
     if bos:
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
