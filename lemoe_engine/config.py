@@ -14,7 +14,6 @@ ACTIVATIONS = ("silu", "gelu", "relu")
 ROUTINGS = ("sequence", "token")
 QUERY_SOURCES = ("embedding", "hidden", "layerN")
 QUERY_POOLINGS = ("mean", "max")
-EXPERT_SCOPES = ("sequence", "matched")
 BACKENDS = ("auto", "eager", "triton")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_TOP_K = 4  # the routing kernel keeps a running top-k of at most this many slots
@@ -53,10 +52,6 @@ class LEMoEConfig:
     """Sequence routing only. 'mean': one query per input, the mean over its prompt tokens
     (the paper); 'max': each prompt token is a query and an anchor scores by its best-matching
     token (late interaction), so an input mentioning an edited subject in any wording finds it."""
-    expert_scope: str = "sequence"
-    """Where a routed expert applies: 'sequence' (every token of the input, the paper) or
-    'matched' (only tokens whose own query passes one of the expert's anchors, e.g. the edit's
-    subject; needs query_pooling='max'). Decoded tokens are matched the same way."""
     query_hidden: int = 0
     """Width r of the query projection v = W_up SiLU(W_down (e - center)); 0 = no projection."""
     key_dim: int = 256

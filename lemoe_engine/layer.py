@@ -226,18 +226,16 @@ class LEMoELayer(nn.Module):
         """Mean of the token vectors over the prompt, [B, d] (the paper's query, before centring)."""
         return masked_mean(self.token_vectors(x), self.prompt_mask(x))
 
-    def token_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Cosine score of every token against every anchor, [B, T, M]."""
-        return self.query_encoder(self.token_vectors(x)) @ self.anchors.T
-
-    def anchor_scores(self, x: torch.Tensor, token_scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def anchor_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine score of every anchor: [B*T, M] for token routing, [B, M] for sequence routing
         (mean pooling: of the pooled query; max pooling: of the best-matching prompt token)."""
+        anchors = self.anchors
         if self.config.routing == "token":
-            return self.token_scores(x).reshape(-1, self.num_anchors)
+            vectors = self.token_vectors(x)
+            return self.query_encoder(vectors.reshape(-1, vectors.shape[-1])) @ anchors.T
         if self.config.query_pooling == "mean":
-            return self.query_encoder(self.pooled_vectors(x)) @ self.anchors.T
-        scores = token_scores if token_scores is not None else self.token_scores(x)
+            return self.query_encoder(self.pooled_vectors(x)) @ anchors.T
+        scores = self.query_encoder(self.token_vectors(x)) @ anchors.T          # [B, T, M]
         mask = self.prompt_mask(x)
         if mask is not None:
             scores = scores.masked_fill(mask.unsqueeze(-1) == 0, float("-inf"))
@@ -246,38 +244,24 @@ class LEMoELayer(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids and weights per token, [B*T, top_k] each."""
         batch, length = x.shape[0], x.shape[1]
-        matched = self.config.expert_scope == "matched"
-        token_scores = self.token_scores(x) if matched else None
         reuse = (self.config.routing == "sequence" and self._context.continuing
                  and self._sequence_route is not None and self._sequence_route[0].shape[0] == batch)
         if reuse:
             ids, weights = self._sequence_route
         else:
-            ids, weights = self._route(x, token_scores)
+            ids, weights = self._route(x)
             if self.config.routing == "sequence":
                 self._sequence_route = (ids, weights)
-        if self.config.routing == "token":
-            return ids, weights
-        k = ids.shape[1]
-        ids = ids[:, None, :].expand(batch, length, k)
-        weights = weights[:, None, :].expand(batch, length, k)
-        if matched:
-            # a token takes the sequence's expert only where it matches one of its anchors
-            passed = (token_scores >= self.thresholds).float()                   # [B, T, M]
-            owner = self.anchor_expert.long().expand(batch, length, -1)
-            per_expert = torch.zeros(batch, length, self.num_experts, device=x.device)
-            per_expert = per_expert.scatter_reduce(2, owner, passed, reduce="amax")
-            active = per_expert.gather(2, ids.clamp_min(0).long()) > 0
-            active &= ids >= 0
-            ids = torch.where(active, ids, torch.full_like(ids, -1))
-            weights = torch.where(active, weights, torch.zeros_like(weights))
-        return ids.reshape(-1, k), weights.reshape(-1, k)
+        if self.config.routing == "sequence":
+            k = ids.shape[1]
+            ids = ids[:, None, :].expand(batch, length, k).reshape(-1, k)
+            weights = weights[:, None, :].expand(batch, length, k).reshape(-1, k)
+        return ids, weights
 
     def gate_thresholds(self) -> torch.Tensor:
         return self.thresholds if self.config.gate else torch.full_like(self.thresholds, float("-inf"))
 
-    def _route(self, x: torch.Tensor, token_scores: Optional[torch.Tensor] = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         # every expert has >= 1 anchor and anchors are stored in expert order, so equal counts
         # mean anchor i is expert i's only one (a shape test: no device sync)
@@ -292,7 +276,7 @@ class LEMoELayer(nn.Module):
             queries = self.query_encoder(vectors).contiguous()
             return anchor_route(queries, self.anchors, self.gate_thresholds().contiguous(),
                                 cfg.top_k, cfg.temperature)
-        return route_scores(self.anchor_scores(x, token_scores), self.gate_thresholds(), self.anchor_expert,
+        return route_scores(self.anchor_scores(x), self.gate_thresholds(), self.anchor_expert,
                             self.num_experts, cfg.top_k, cfg.temperature)
 
     # ------------------------------------------------------------------ forward
