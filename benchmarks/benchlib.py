@@ -51,6 +51,15 @@ def sync() -> None:
 
 
 # --------------------------------------------------------------------------- timing
+def free_memory(cache: dict) -> None:
+    """Drop cached models/tensors and give their memory back (between benchmark cases)."""
+    cache.clear()
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def device_time_us(fn: Callable[[], object]) -> Optional[float]:
     """Median device time of ``fn`` in microseconds from CUDA events (Triton's ``do_bench``:
     warm-up, L2 flushed before every timed call, median of ~100 ms of repeats); None on CPU."""

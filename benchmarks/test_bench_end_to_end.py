@@ -22,7 +22,6 @@ adaptor-disabled time, measured in alternating pairs so that both see the same l
 
 from __future__ import annotations
 
-import gc
 import time
 from contextlib import contextmanager
 
@@ -30,7 +29,7 @@ import pytest
 import torch
 
 import benchlib
-from benchlib import CUDA, DEV
+from benchlib import CUDA, DEV, free_memory
 from lemoe_engine import LEMoEConfig, attach, detach
 
 EXPERTS = 5
@@ -54,16 +53,12 @@ _MODELS: dict = {}
 @pytest.fixture(scope="module", autouse=True)
 def _free_models():
     yield
-    _MODELS.clear()
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
+    free_memory(_MODELS)
 
 
 def _model(name: str):
     if name not in _MODELS:
-        _MODELS.clear()
-        gc.collect()
+        free_memory(_MODELS)
         if name == "smollm2":
             from lemoe_engine.models import load_model
 

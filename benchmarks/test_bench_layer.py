@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import benchlib
-from benchlib import CUDA, DEV
+from benchlib import CUDA, DEV, free_memory
 from lemoe_engine import LEMoELayer
 
 SHAPES = {
@@ -65,18 +65,12 @@ _CACHE: dict = {}
 @pytest.fixture(scope="module", autouse=True)
 def _free_cache():
     yield
-    _CACHE.clear()
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
+    free_memory(_CACHE)
 
 
 def _base(shape: str):
     if _CACHE.get("base_key") != shape:
-        _CACHE.clear()
-        gc.collect()
-        if CUDA:
-            torch.cuda.empty_cache()
+        free_memory(_CACHE)
         s = SHAPES[shape]
         _CACHE["base_key"] = shape
         _CACHE["base"] = benchlib.llama_mlp(s["d"], s["mlp"], s["dtype"], seed=1)

@@ -45,12 +45,7 @@ def tok():
     return tiny_tokenizer(False, vocab_size=600, corpus=tuple(_corpus()))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(tok, family="llama", seed=0):

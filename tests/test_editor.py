@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from lemoe_engine import ConfigError, LEMoEConfig, find_layer, load, save
+from lemoe_engine import ConfigError, LEMoEConfig, find_layer, load
 from lemoe_engine.data import EditRecord
 from lemoe_engine.editor import EditorConfig, LifelongEditor
 from lemoe_engine.evaluation import evaluate, locality_reference
