@@ -171,7 +171,8 @@ class LifelongEditor:
         if not prompts:
             raise ConfigError("unrelated_prompts is empty: the gate needs prompts the edits must not touch")
         self.unrelated_prompts = prompts
-        self._unrelated_queries: Optional[torch.Tensor] = None
+        self._unrelated_raw: Optional[list[torch.Tensor]] = None
+        self._unrelated_queries = None
         model.requires_grad_(False)
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -194,22 +195,28 @@ class LifelongEditor:
             hook.remove()
         return captured
 
-    def token_queries(self, prompts: Sequence[str], centred: bool = True) -> list[torch.Tensor]:
-        """Per prompt, the routing vector of each of its tokens: unit-norm queries [n_i, key]
-        (``centred=False``: the raw source vectors [n_i, d], before centring and projection)."""
+    def token_vectors(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Per prompt, the raw source vector of each of its tokens, [n_i, d] (before centring)."""
         def capture(layer: LEMoELayer, x: torch.Tensor):
-            vectors = layer.token_vectors(x)
-            if centred:
-                vectors = layer.query_encoder(vectors)
             mask = layer.prompt_mask(x).bool()
-            return [v[m].float().cpu() for v, m in zip(vectors, mask)]
-        return [q for batch in self._run_prompts(prompts, capture) for q in batch]
+            return [v[m].float().cpu() for v, m in zip(layer.token_vectors(x), mask)]
+        return [v for batch in self._run_prompts(prompts, capture) for v in batch]
+
+    def _encode(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        encoder = self.layer.query_encoder
+        with torch.no_grad():
+            return [encoder(v.to(self.device)).cpu() for v in vectors]
+
+    def token_queries(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Per prompt, the unit-norm routing query of each of its tokens, [n_i, key]."""
+        return self._encode(self.token_vectors(prompts))
 
     def sequence_queries(self, prompts: Sequence[str]) -> torch.Tensor:
         """Mean-pooled unit queries of ``prompts`` [n, key] (the paper's instance query)."""
-        captured = self._run_prompts(
-            prompts, lambda layer, x: layer.query_encoder(layer.pooled_vectors(x)).cpu())
-        return torch.cat(captured)
+        return self._pooled_queries(self.token_vectors(prompts))
+
+    def _pooled_queries(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(self._encode([v.mean(dim=0, keepdim=True) for v in vectors]))
 
     def routes(self, prompts: Sequence[str]) -> torch.Tensor:
         """The expert each prompt routes to now (top-1, -1 = none), exactly as served."""
@@ -217,19 +224,27 @@ class LifelongEditor:
             return layer._route(x)[0][:, 0].cpu()
         return torch.cat(self._run_prompts(prompts, capture))
 
+    def _unrelated_vectors(self) -> list[torch.Tensor]:
+        """Raw token vectors of the unrelated prompts: computed once (the layers below the query
+        source are frozen), then centred/encoded as needed."""
+        if self._unrelated_raw is None:
+            self._unrelated_raw = self.token_vectors(self.unrelated_prompts)
+        return self._unrelated_raw
+
     def _fit_center(self, prompts: Sequence[str]) -> None:
         """Before the first expert: remove the mean direction all token vectors share. Fixed after."""
-        vectors = torch.cat(self.token_queries(list(prompts) + self.unrelated_prompts, centred=False))
+        vectors = torch.cat(self.token_vectors(prompts) + self._unrelated_vectors())
         with torch.no_grad():
             self.layer.query_encoder.center.copy_(vectors.mean(dim=0).to(self.device))
         self._unrelated_queries = None
 
     def _unrelated(self):
         if self._unrelated_queries is None:
+            raw = self._unrelated_vectors()
             if self._max_pooling:
-                self._unrelated_queries = _pad(self.token_queries(self.unrelated_prompts))
+                self._unrelated_queries = _pad(self._encode(raw))
             else:
-                self._unrelated_queries = self.sequence_queries(self.unrelated_prompts)
+                self._unrelated_queries = self._pooled_queries(raw)
         return self._unrelated_queries
 
     @property
