@@ -9,7 +9,6 @@ prompts). Older experts are never touched, so earlier edits cannot be overwritte
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -397,10 +396,6 @@ class LifelongEditor:
     def remove_last_batch(self) -> None:
         """Roll back the newest expert (the last edit batch)."""
         self.layer.remove_expert()
-
-
-def report_dict(report: BatchReport) -> dict:
-    return dataclasses.asdict(report)
 
 
 def _pad(queries: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
