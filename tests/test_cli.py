@@ -36,7 +36,8 @@ def run(capsys, *argv):
 def test_edit_eval_generate_round_trip(workspace, capsys):
     adaptor = str(workspace["root"] / "adaptor")
     code, out, err = run(capsys, "edit", "--model", workspace["model"], "--edits", workspace["edits"],
-                         "--out", adaptor, "--layer", "4", "--batch-size", "2", "--expert-hidden", "32")
+                         "--out", adaptor, "--layer", "4", "--plan", "kmeans", "--batch-size", "2",
+                         "--expert-hidden", "32")
     assert code == 0, err
     assert "2 new experts" in out and "adaptor written" in out
     code, out, err = run(capsys, "eval", "--model", workspace["model"], "--adaptor", adaptor,
@@ -54,11 +55,15 @@ def test_edit_eval_generate_round_trip(workspace, capsys):
     more = workspace["root"] / "more.jsonl"
     save_edits(tiny_edits(2, seed=9), more)
     code, out, err = run(capsys, "edit", "--model", workspace["model"], "--edits", str(more), "--out",
-                         adaptor, "--adaptor", adaptor, "--batch-size", "2", "--expert-hidden", "32")
+                         adaptor, "--adaptor", adaptor, "--plan", "none", "--batch-size", "2", "--expert-hidden", "32")
     assert code == 2 and "--expert-hidden" in err  # cannot change an existing adaptor's shape
     code, out, err = run(capsys, "edit", "--model", workspace["model"], "--edits", str(more), "--out",
-                         adaptor, "--adaptor", adaptor, "--batch-size", "2")
+                         adaptor, "--adaptor", adaptor, "--plan", "none", "--batch-size", "2")
     assert code == 0 and "(3 in total)" in out, err
+    # --batch-size belongs to the batched plans: with the default plan it is a one-line error
+    line = one_line_error(*run(capsys, "edit", "--model", workspace["model"], "--edits", str(more), "--out",
+                               str(workspace["root"] / "other"), "--batch-size", "2")[::2])
+    assert "plan='keys'" in line
 
 
 def one_line_error(code, err):

@@ -93,12 +93,12 @@ def test_save_reload_and_continue_editing(tmp_path):
     edits = tiny_edits(6, seed=2)
     model = llama_for(tok, seed=2)
     LifelongEditor(model, tok, CONFIG, FAST, unrelated_prompts=UNRELATED).edit(
-        edits[:3], batch_size=3, save_to=tmp_path / "a", progress=False)
+        edits[:3], plan="kmeans", batch_size=3, save_to=tmp_path / "a", progress=False)
     fresh = llama_for(tok, seed=2)
     load(fresh, tmp_path / "a", backend="eager")
     editor = LifelongEditor(fresh, tok, None, FAST, unrelated_prompts=UNRELATED)
     assert editor.layer.num_experts == 1
-    editor.edit(edits[3:], batch_size=3, save_to=tmp_path / "b", progress=False)
+    editor.edit(edits[3:], plan="kmeans", batch_size=3, save_to=tmp_path / "b", progress=False)
     again = llama_for(tok, seed=2)
     layer = load(again, tmp_path / "b", backend="eager")
     assert layer.num_experts == 2 and [e["n_edits"] for e in layer.expert_info] == [3, 3]
@@ -140,3 +140,30 @@ def test_mean_pooling_editor_and_argument_errors():
         EditorConfig(learning_rate=0)
     with pytest.raises(ConfigError, match="unrelated_prompts"):
         LifelongEditor(llama_for(tok), tok, CONFIG, FAST, unrelated_prompts=[])
+
+
+def test_default_plan_gives_edits_with_one_key_one_expert():
+    tok = tiny_tokenizer(False)
+    model = llama_for(tok, seed=5)
+    # token-embedding queries: an edit's key is its subject's last-token embedding, so edits
+    # about the same country have identical keys and must share an expert; the others get their own
+    config = LEMoEConfig(layer=2, query_source="embedding", expert_hidden=64, gate_margin=0.02)
+    countries = random.Random(5).sample(COUNTRIES, 3)
+    relations = [("What is the capital city of {}?", CITIES[0]), ("Which city is the capital of {}?", CITIES[1]),
+                 ("Which language is spoken in {}?", CITIES[2]), ("Name the capital of {}.", CITIES[3])]
+    subjects = [countries[0], countries[1], countries[0], countries[2]]
+    edits = [EditRecord(prompt=template.format(c), target=target, rephrase=template.format(c),
+                        loc_prompt="What is 1 plus 1?", loc_answer="2", subject=c)
+             for (template, target), c in zip(relations, subjects)]
+    editor = LifelongEditor(model, tok, config, FAST, unrelated_prompts=UNRELATED)
+    with pytest.raises(ConfigError, match="sizes experts by itself"):
+        editor.edit(edits, batch_size=2, progress=False)
+    reports = editor.edit(edits, progress=False)
+    assert [r.n_edits for r in reports] == [2, 1, 1]
+    assert editor.routes([e.prompt for e in edits]).tolist() == [0, 1, 0, 2]
+    assert [r.shared_keys for r in reports] == [0, 0, 0]
+    # a later call about an already edited subject is told so; a new subject is not
+    later = [EditRecord(prompt=f"Which currency is used in {c}?", target=CITIES[4], rephrase=f"Currency of {c}?",
+                        loc_prompt="What is 1 plus 1?", loc_answer="2", subject=c)
+             for c in (countries[0], next(c for c in COUNTRIES if c not in countries))]
+    assert [r.shared_keys for r in editor.edit(later, progress=False)] == [1, 0]

@@ -150,3 +150,33 @@ def test_kmeans_default_features_group_by_topic():
     batches = plan_order(make_edits(mixed), n_batches=2, seed=0)
     groups = [{("capital" in mixed[i]) for i in b} for b in batches]
     assert groups == [{True}, {False}] or groups == [{False}, {True}]
+
+
+# ---------------------------------------------------------------- plan="keys"
+def test_keys_plan_groups_indistinguishable_keys_only():
+    rng = np.random.default_rng()
+    directions = rng.standard_normal((4, 64))
+    pattern = [0, 1, 0, 2, 3, 1, 0]
+    # near-copies of a direction (cos > 0.99), at random scales: cosine decides, not length
+    keys = np.stack([directions[p] * rng.uniform(0.5, 3.0) + 0.01 * rng.standard_normal(64)
+                     for p in pattern])
+    keys = np.vstack([keys, np.zeros((1, 64))])  # a key-less edit stands alone
+    groups = plan_order(make_edits(["x"] * 8), plan="keys", features=keys)
+    assert groups == [[0, 2, 6], [1, 5], [3], [4], [7]]
+    # at similarity 1.0 nothing merges; a low bar merges everything but the zero row
+    assert plan_order(make_edits(["x"] * 8), plan="keys", features=keys, similarity=1.0) == [[i] for i in range(8)]
+    assert plan_order(make_edits(["x"] * 8), plan="keys", features=np.abs(keys), similarity=1e-3) == [
+        list(range(7)), [7]]
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(batch_size=2), "sizes experts by itself"),
+    (dict(n_batches=2), "sizes experts by itself"),
+    (dict(features=None), "needs features"),
+    (dict(similarity=0.0), "similarity"),
+    (dict(features=np.zeros((9, 3))), r"shape \[10, f\]"),
+])
+def test_keys_plan_bad_arguments(kwargs, msg):
+    kwargs.setdefault("features", np.random.default_rng().standard_normal((10, 3)))
+    with pytest.raises(ConfigError, match=msg):
+        plan_order(make_edits(["x"] * 10), plan="keys", **kwargs)
