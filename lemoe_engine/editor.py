@@ -29,7 +29,7 @@ from .layer import LEMoELayer, RouteContext
 from .patching import adaptors_disabled, attach, decoder_layers, final_norm, find_layer, query_mask
 from .planner import KEY_GROUP_SIMILARITY, check_plan, plan_order
 from .storage import save
-from .tokens import collate, encode_pairs
+from .tokens import EncodedPair, collate, encode_pairs
 
 
 DEFAULT_PLAN = "keys"
@@ -48,6 +48,9 @@ class EditorConfig:
     stop_loss: float = 0.02
     """Early stop once the mean target NLL is below this and every target token is argmax-correct."""
     weight_decay: float = 0.0
+    train_eos: bool = True
+    """Also train the tokenizer's end-of-sequence token after each target, so greedy generation
+    stops after the new answer instead of repeating it (the EOS is not scored by ``evaluate``)."""
     micro_batch: int = 32
     """Edits per forward pass (gradients are accumulated over the batch)."""
 
@@ -326,6 +329,9 @@ class LifelongEditor:
     def _train(self, edits: Sequence[EditRecord]) -> tuple[int, float]:
         cfg = self.editor_config
         rows = encode_pairs(self.tokenizer, [e.prompt for e in edits], [e.target for e in edits])
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if cfg.train_eos and isinstance(eos, int):
+            rows = [EncodedPair(ids=row.ids + [eos], prompt_len=row.prompt_len) for row in rows]
         batches = []
         for start in range(0, len(rows), cfg.micro_batch):
             chunk = rows[start:start + cfg.micro_batch]
@@ -384,7 +390,7 @@ class LifelongEditor:
             batch_size = DEFAULT_BATCH_SIZE
         batches = plan_order(edits, batch_size=batch_size, plan=plan, seed=seed, features=features)
         reports: list[BatchReport] = []
-        bar = tqdm(batches, desc="editing", unit="batch", disable=not progress)
+        bar = tqdm(batches, desc="editing", unit="expert", disable=not progress)
         try:
             for batch in bar:
                 report = self.edit_batch([edits[i] for i in batch])

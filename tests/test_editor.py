@@ -167,3 +167,18 @@ def test_default_plan_gives_edits_with_one_key_one_expert():
                         loc_prompt="What is 1 plus 1?", loc_answer="2", subject=c)
              for c in (countries[0], next(c for c in COUNTRIES if c not in countries))]
     assert [r.shared_keys for r in editor.edit(later, progress=False)] == [1, 0]
+
+
+def test_training_ends_the_answer_with_eos_so_generation_stops():
+    tok = tiny_tokenizer(False)
+    model = llama_for(tok, seed=6)
+    edit = tiny_edits(1, seed=6)[0]
+    (row,) = encode_pairs(tok, [edit.prompt], [edit.target])
+    LifelongEditor(model, tok, CONFIG, FAST, unrelated_prompts=UNRELATED).edit_batch([edit])
+    assert target_argmax_hits(model, tok, edit)
+    prompt_ids = torch.tensor([row.ids[:row.prompt_len]])
+    with torch.no_grad():
+        out = model.generate(prompt_ids, max_new_tokens=len(row.ids) - row.prompt_len + 3, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    generated = out[0, row.prompt_len:].tolist()
+    assert generated == row.ids[row.prompt_len:] + [tok.eos_token_id]
