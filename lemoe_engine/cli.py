@@ -119,7 +119,7 @@ def cmd_edit(args) -> int:
           f"{sum(r.misrouted for r in reports)} edits route to an older expert")
     shared = sum(r.shared_keys for r in reports)
     if shared:
-        print(f"note: {shared} edits share a routing key with an expert of an earlier run (same subject): "
+        print(f"note: {shared} edit(s) share a routing key with an expert of an earlier run (same subject): "
               "their own prompts route to the new expert, their paraphrases may reach the older one; "
               "edit all facts about a subject in one run to give them one expert")
     print(f"adaptor written to {args.out}")

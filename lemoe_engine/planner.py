@@ -146,7 +146,7 @@ def check_plan(plan: str, n_batches=None, batch_size=None) -> None:
     if plan == "keys" and (n_batches is not None or batch_size is not None):
         raise ConfigError("plan='keys' sizes experts by itself (one per group of edits with "
                           "indistinguishable routing keys); a batch size applies to plan='kmeans' "
-                          "or 'none'")
+                          "or 'none' (CLI: --plan kmeans --batch-size N)")
 
 
 def _checked_features(features, n: int) -> np.ndarray:
