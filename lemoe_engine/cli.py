@@ -33,7 +33,7 @@ def _editor_config(args) -> tuple:
         overrides["layer"] = args.layer
     if getattr(args, "expert_hidden", None) is not None:
         overrides["expert_hidden"] = args.expert_hidden
-    return LEMoEConfig(seed=args.seed, **overrides), EditorConfig()
+    return LEMoEConfig(seed=args.seed, **overrides), EditorConfig(train_eos=not args.no_train_eos)
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 12) -> str:
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default), kmeans = the paper's clustered batches, none = arrival order")
         p.add_argument("--batch-size", type=int, default=None,
                        help=f"edits per expert with --plan kmeans|none (default {DEFAULT_BATCH_SIZE})")
+        p.add_argument("--no-train-eos", action="store_true",
+                       help="do not train the end-of-sequence token after each target (higher "
+                            "paraphrase accuracy on long edit streams; generations may repeat the answer)")
         p.add_argument("--limit", type=int, default=limit_default, help="use the first N edits")
         p.add_argument("--seed", type=int, default=0)
 

@@ -37,7 +37,7 @@ def test_edit_eval_generate_round_trip(workspace, capsys):
     adaptor = str(workspace["root"] / "adaptor")
     code, out, err = run(capsys, "edit", "--model", workspace["model"], "--edits", workspace["edits"],
                          "--out", adaptor, "--layer", "4", "--plan", "kmeans", "--batch-size", "2",
-                         "--expert-hidden", "32")
+                         "--expert-hidden", "32", "--no-train-eos")
     assert code == 0, err
     assert "2 new experts" in out and "adaptor written" in out
     code, out, err = run(capsys, "eval", "--model", workspace["model"], "--adaptor", adaptor,
@@ -109,3 +109,10 @@ def test_bad_arguments_and_unknown_model(workspace, capsys, tmp_path):
     line = one_line_error(*run(capsys, "generate", "--model", str(tmp_path / "missing-model"),
                                "--prompt", "hi")[::2])
     assert "smollm2-135m" in line
+
+
+def test_no_train_eos_flag_reaches_the_editor_config():
+    from lemoe_engine.cli import _editor_config, build_parser
+    base = ["edit", "--model", "m", "--edits", "e.jsonl", "--out", "o"]
+    assert _editor_config(build_parser().parse_args(base))[1].train_eos is True
+    assert _editor_config(build_parser().parse_args(base + ["--no-train-eos"]))[1].train_eos is False
