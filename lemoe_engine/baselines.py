@@ -34,7 +34,7 @@ from torch import nn
 from .config import LEMoEConfig
 from .errors import ConfigError
 from .patching import decoder_layers, watch_calls
-from .tokens import collate, encode_pairs
+from .tokens import collate, encode_pairs, pad_id, supervised_batches
 
 __all__ = [
     "BaselineReport", "FTLConfig", "FTLEditor", "GraceConfig", "GraceAdaptor", "GraceEditor",
@@ -88,19 +88,8 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 def _supervised_batches(tokenizer, edits, micro_batch: int, device):
-    """(ids, attention, prompt_mask, labels) micro-batches; labels are -100 off the target."""
-    rows = encode_pairs(tokenizer, [e.prompt for e in edits], [e.target for e in edits])
-    batches = []
-    for start in range(0, len(rows), micro_batch):
-        ids, attention, prompt_mask = collate(rows[start:start + micro_batch], _pad_id(tokenizer), device)
-        labels = ids.masked_fill((prompt_mask == 1) | (attention == 0), -100)
-        batches.append((ids, attention, prompt_mask, labels))
-    return batches
+    return supervised_batches(tokenizer, [e.prompt for e in edits], [e.target for e in edits], micro_batch, device)
 
 
 def _fit(model: nn.Module, batches, optimizer: torch.optim.Optimizer, *, max_steps: int,
@@ -514,7 +503,7 @@ class GraceEditor(_Baseline):
         """Keys of ``prompts`` (MLP input at the last prompt token) and the MLP's own output
         there (the 'warm' value init), [n, d] each."""
         rows = encode_pairs(self.tokenizer, list(prompts), ["x"] * len(prompts))
-        ids, attention, prompt_mask = collate(rows, _pad_id(self.tokenizer), _model_device(self.model))
+        ids, attention, prompt_mask = collate(rows, pad_id(self.tokenizer), _model_device(self.model))
         adaptor = self.adaptor
         previous, adaptor.record_queries = adaptor.record_queries, True
         try:

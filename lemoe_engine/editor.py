@@ -29,7 +29,7 @@ from .layer import LEMoELayer, RouteContext
 from .patching import adaptors_disabled, attach, decoder_layers, final_norm, find_layer, query_mask
 from .planner import KEY_GROUP_SIMILARITY, check_plan, plan_order
 from .storage import save
-from .tokens import EncodedPair, collate, encode_pairs
+from .tokens import collate, encode_pairs, pad_id, supervised_batches
 
 
 DEFAULT_PLAN = "keys"
@@ -184,7 +184,7 @@ class LifelongEditor:
         self._unrelated_queries = None
         model.requires_grad_(False)
         self.device = next(model.parameters()).device
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(tokenizer)
 
     # --------------------------------------------------------------- queries
     def _run_prompts(self, prompts: Sequence[str], capture: Callable, batch_size: int = 64) -> list:
@@ -328,16 +328,10 @@ class LifelongEditor:
 
     def _train(self, edits: Sequence[EditRecord]) -> tuple[int, float]:
         cfg = self.editor_config
-        rows = encode_pairs(self.tokenizer, [e.prompt for e in edits], [e.target for e in edits])
         eos = getattr(self.tokenizer, "eos_token_id", None)
-        if cfg.train_eos and isinstance(eos, int):
-            rows = [EncodedPair(ids=row.ids + [eos], prompt_len=row.prompt_len) for row in rows]
-        batches = []
-        for start in range(0, len(rows), cfg.micro_batch):
-            chunk = rows[start:start + cfg.micro_batch]
-            ids, attention, prompt_mask = collate(chunk, self.pad_id, self.device)
-            labels = ids.masked_fill((prompt_mask == 1) | (attention == 0), -100)
-            batches.append((ids, attention, prompt_mask, labels))
+        batches = supervised_batches(self.tokenizer, [e.prompt for e in edits], [e.target for e in edits],
+                                     cfg.micro_batch, self.device,
+                                     end_token=eos if cfg.train_eos and isinstance(eos, int) else None)
         n_targets = sum(int((b[3] != -100).sum()) for b in batches)
         tail = _TailForward(self.model, self.layer)
         tail.prepare(batches)

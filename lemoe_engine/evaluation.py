@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .tokens import collate, encode_pairs
+from .tokens import collate, encode_pairs, pad_id
 
 __all__ = ["EditMetrics", "evaluate", "locality_reference"]
 
@@ -88,16 +88,13 @@ def _score(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
     query_mask, _ = _patching()
     enc = encode_pairs(tokenizer, prompts, answers)
     device = _model_device(model)
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = 0   # any id: padded positions are masked out and never scored
     kwargs = {"use_cache": False} if hasattr(model, "config") else {}
     order = sorted(range(len(enc)), key=lambda i: len(enc[i].ids))
     results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(enc)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         rows = [enc[i] for i in idx]
-        input_ids, attention, qmask = collate(rows, pad_id, device)
+        input_ids, attention, qmask = collate(rows, pad_id(tokenizer), device)
         with query_mask(model, qmask):
             out = model(input_ids=input_ids, attention_mask=attention, **kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]

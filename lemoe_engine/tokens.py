@@ -84,3 +84,25 @@ def collate(rows: Sequence[EncodedPair], pad_id: int, device) -> tuple[torch.Ten
         attention[b, :len(r.ids)] = 1
         prompt_mask[b, :r.prompt_len] = 1
     return input_ids.to(device), attention.to(device), prompt_mask.to(device)
+
+
+def pad_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else 0 (padded positions are masked out
+    and never scored, so any id works)."""
+    value = getattr(tokenizer, "pad_token_id", None)
+    return value if value is not None else 0
+
+
+def supervised_batches(tokenizer, prompts: Sequence[str], answers: Sequence[str], micro_batch: int,
+                       device, end_token: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """Training micro-batches ``(ids, attention, prompt_mask, labels)`` of the pairs; labels are
+    the answer tokens (and ``end_token`` after each answer, when given), -100 elsewhere."""
+    rows = encode_pairs(tokenizer, prompts, answers)
+    if end_token is not None:
+        rows = [EncodedPair(ids=row.ids + [end_token], prompt_len=row.prompt_len) for row in rows]
+    batches = []
+    for start in range(0, len(rows), micro_batch):
+        ids, attention, prompt_mask = collate(rows[start:start + micro_batch], pad_id(tokenizer), device)
+        labels = ids.masked_fill((prompt_mask == 1) | (attention == 0), -100)
+        batches.append((ids, attention, prompt_mask, labels))
+    return batches
