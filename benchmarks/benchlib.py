@@ -186,6 +186,33 @@ def check_route_float64(queries, anchors, thresholds, top_k, temperature, ids, w
     return {"rows_checked": checked, "max_weight_err": werr, "routed_fraction": routed}
 
 
+def check_pooled_route_float64(queries, mask, anchors, owner, num_experts, thresholds, top_k, temperature,
+                               ids, weights, margin: float = 1e-5) -> dict:
+    """The default routing (masked max over tokens, gate per anchor, per-expert max over its
+    anchors, top-k, softmax) recomputed in float64 here: ids exactly and weights to 1e-5 on
+    sequences without a near-tie (deciding gaps and anchor-threshold gaps > ``margin``)."""
+    s = torch.einsum("btd,md->btm", queries.double(), anchors.double())
+    s = s.masked_fill(mask[:, :, None] == 0, float("-inf")).max(dim=1).values
+    thr = thresholds.double()
+    near_thr = ((s - thr).abs() <= margin).any(dim=1)
+    s = torch.where(s >= thr, s, torch.full_like(s, float("-inf")))
+    per = torch.full((s.shape[0], num_experts), float("-inf"), dtype=torch.float64, device=s.device)
+    per = per.scatter_reduce(1, owner.long()[None].expand(s.shape[0], -1), s, reduce="amax")
+    exp_ids, exp_w, ordered = _route64(per, torch.full((num_experts,), float("-inf"), dtype=torch.float64,
+                                                        device=s.device), top_k, temperature)
+    robust = ~near_thr
+    if ordered.shape[1] > 1:
+        a, b = ordered[:, :-1], ordered[:, 1:]
+        robust &= ~(torch.isfinite(b) & ((a - b) <= margin)).any(dim=1)
+    checked = int(robust.sum())
+    assert torch.equal(ids.long()[robust], exp_ids[robust]), "expert ids differ from the float64 reference"
+    werr = float((weights.double()[robust] - exp_w[robust]).abs().max()) if checked else 0.0
+    assert werr < 1e-5, f"routing weights off by {werr}"
+    assert not bool(torch.isnan(weights).any()) and bool(((ids >= -1) & (ids < num_experts)).all())
+    return {"rows_checked": checked, "max_weight_err": werr,
+            "routed_fraction": float((exp_ids[:, 0] >= 0).double().mean())}
+
+
 # --------------------------------------------------------------------------- layers
 def llama_mlp(d: int, intermediate: int, dtype: torch.dtype, device=DEV, seed: int = 0) -> nn.Module:
     """A transformers LlamaMLP (gate/up/down projections, SiLU) with random weights."""

@@ -126,7 +126,7 @@ def merge_results(existing: dict | None, run_id: str, meta: dict, rows: list[dic
     used = {r["run"] for r in kept}
     runs = {k: v for k, v in data["runs"].items() if k in used}
     runs[run_id] = meta
-    order = {"routing": 0, "layer": 1, "end_to_end": 2}
+    order = {"routing": 0, "routing_default": 1, "layer": 2, "end_to_end": 3}
     kept.sort(key=lambda r: (r["device"], order.get(r["section"], 9), r["key"]))
     return {"schema": SCHEMA, "runs": runs, "rows": kept}
 

@@ -19,8 +19,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SECTIONS = (
     ("routing", "Routing latency: `anchor_route` (Triton) vs eager `route_reference`"),
+    ("routing_default", "Routing latency of the default configuration: `pooled_route` (Triton) vs eager"),
     ("layer", "Layer latency: LEMoE layer (base LLaMA MLP + experts) vs the bare base MLP"),
     ("end_to_end", "End to end: edited vs unedited model"),
+    ("editing", "Editing throughput: blocked training vs one expert at a time"),
 )
 GPU_COMMAND = "bash benchmarks/gpu_run.sh"
 
@@ -109,6 +111,27 @@ def routing_table(rows: list[dict], gpu: bool) -> list[str]:
     return _table(header, out)
 
 
+def routing_default_table(rows: list[dict], gpu: bool) -> list[str]:
+    eager = {(r["shapes"]["T"], r["shapes"]["E"]): r for r in rows if r["backend"] == "eager"}
+    header = ["prompt tokens T", "experts E", "anchors M", "d", "top_k", "backend", "median µs"]
+    if gpu:
+        header += ["device µs", "% copy BW", "% fp32 matmul", "vs eager"]
+    header += ["rows checked", "max weight err"]
+    out = []
+    for r in sorted(rows, key=lambda r: (r["shapes"]["T"], r["shapes"]["E"], r["backend"] != "triton")):
+        s, c = r["shapes"], r["checks"]
+        line = [str(s["T"]), str(s["E"]), str(s["M"]), str(s["d"]), str(s["top_k"]), r["backend"],
+                _us(r["median_us"])]
+        if gpu:
+            ref = eager.get((s["T"], s["E"]))
+            ratio = (f"{ref['median_us'] / r['median_us']:.1f}x faster"
+                     if r["backend"] == "triton" and ref else "-")
+            line += _gpu_cols(r) + [ratio]
+        line += [f"{c.get('rows_checked', '-')}/{s.get('B', 1)}", _err(c.get("max_weight_err"))]
+        out.append(line)
+    return _table(header, out)
+
+
 def layer_table(rows: list[dict], gpu: bool) -> list[str]:
     base = {(r["shapes"]["set"], r["shapes"]["tokens"]): r for r in rows if r["backend"] == "base"}
     header = ["set", "phase", "tokens (B x T)", "E", "H", "k", "backend", "median µs", "over base µs"]
@@ -166,6 +189,9 @@ def e2e_table(rows: list[dict], gpu: bool) -> list[str]:
 SHAPES_TEXT = {
     "routing": "queries S x d and anchors E x d (unit-norm fp32), d = 4096, top_k = 2, temperature 0.1, "
                "random thresholds (some slots gated)",
+    "routing_default": "one sequence of T prompt tokens (the first T/8 masked out as padding) x d, E experts "
+                       "with 4 unit-norm anchors each, d = 4096, fp32, top_k = 2, temperature 0.1, max pooling "
+                       "over the prompt, random thresholds",
     "layer": "base = transformers LlamaMLP (d x mlp x d, SiLU); experts gated (SwiGLU) of hidden H, "
              "query_source='hidden', sequence routing with mean pooling, gate off; decode = B sequences x 1 "
              "token, prefill = 8 sequences x tokens/8",
@@ -174,8 +200,35 @@ SHAPES_TEXT = {
                   "'decode tokens/s' excludes the prefill (generate time minus a separately timed prefill); "
                   "'paired vs disabled' (CPU runs): median time of the edited model over the same model with its "
                   "adaptor disabled, measured in 3 alternating pairs so both see the same machine load",
+    "editing": "the editor's defaults (plan 'keys', expert width 64, AdamW, early stop) on the first T bundled "
+               "edits; the same edits edited twice from the unedited model in one process, one expert at a time "
+               "(`EditorConfig(block_size=1)`) and in automatic blocks; wall time of `LifelongEditor.edit` "
+               "(planning, calibration, training); quality: teacher-forced reliability / generality / locality "
+               "(`lemoe_engine.evaluation.evaluate`), which must agree within 0.01",
 }
-TABLES = {"routing": routing_table, "layer": layer_table, "end_to_end": e2e_table}
+def editing_table(rows: list[dict], gpu: bool) -> list[str]:
+    header = ["case", "T", "experts", "block", "one at a time", "blocked", "edits/s (1 / blocked)", "ratio",
+              "quality one at a time (rel/gen/loc)", "quality blocked (rel/gen/loc)"]
+
+    def quality(q):
+        return "/".join(f"{q[k]:.3f}" for k in ("reliability", "generality", "locality")) if q else "-"
+
+    def secs(v):
+        return "-" if v is None else f"{v:,.1f} s"
+    out = []
+    for r in sorted(rows, key=lambda r: r["case"]):
+        seq, blk = r.get("seconds_one_at_a_time", r.get("seconds_sequential")), r.get("seconds_blocked")
+        t = r.get("T", r["shapes"].get("T"))
+        rate = "-" if not blk else (f"{t / seq:.3f} / " if seq else "- / ") + f"{t / blk:.3f}"
+        out.append([r["case"], str(t), str(r.get("experts", r["shapes"].get("experts", "-"))),
+                    str(r.get("block_size", "-")), secs(seq), secs(blk), rate,
+                    f"{r['ratio']:.2f}x" if r.get("ratio") else "-",
+                    quality(r.get("quality_one_at_a_time")), quality(r.get("quality_blocked"))])
+    return _table(header, out)
+
+
+TABLES = {"routing": routing_table, "routing_default": routing_default_table, "layer": layer_table,
+          "end_to_end": e2e_table, "editing": editing_table}
 
 
 def render(data: dict) -> str:

@@ -29,7 +29,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     print("unset TRITON_INTERPRET: the sanitizer must see compiled kernels", file=sys.stderr)
     sys.exit(2)
 
-from kernels import anchor_route, grouped_expert_ffn  # noqa: E402
+from lemoe_engine.kernels import anchor_route, grouped_expert_ffn, pooled_route  # noqa: E402
 from lemoe_engine.experts import expert_ffn_reference  # noqa: E402
 from lemoe_engine.routing import route_reference  # noqa: E402
 
@@ -62,6 +62,28 @@ def route_case(S: int, E: int, D: int, k: int, dtype: torch.dtype, seed: int) ->
     check(f"anchor_route S={S} E={E} D={D} k={k} {dtype}",
           float(same.float().mean()) >= 0.97 and werr < 1e-3 and not bool(torch.isnan(w).any()),
           f"(ids agree on {int(same.sum())}/{S}, weight err {werr:.1e})")
+
+
+def pooled_case(B: int, T: int, E: int, per: int, D: int, k: int, seed: int) -> None:
+    """The default routing (max pooling, several anchors per expert) against the eager path."""
+    from lemoe_engine.routing import expert_starts, route_scores
+    g = torch.Generator().manual_seed(seed)
+    q = unit(B * T, D, g).reshape(B, T, D)
+    a = unit(E * per, D, g)
+    owner = torch.arange(E, device=DEV, dtype=torch.int32).repeat_interleave(per)
+    mask = (torch.rand(B, T, generator=g) < 0.8).long().to(DEV)
+    thr = (torch.rand(E * per, generator=g) * 0.2 - 0.1).to(DEV)
+    ids = torch.full((B, k), -7, dtype=torch.int32, device=DEV)
+    w = torch.full((B, k), float("nan"), device=DEV)
+    pooled_route(q, mask, a, expert_starts(owner, E), thr, k, 0.1, out_ids=ids, out_weights=w)
+    torch.cuda.synchronize()
+    scores = (q @ a.T).masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(dim=1).values
+    ref_ids, ref_w = route_scores(scores, thr, owner, E, k, 0.1)
+    same = (ids == ref_ids).all(dim=1)
+    werr = float((w[same] - ref_w[same]).abs().max()) if bool(same.any()) else 0.0
+    check(f"pooled_route B={B} T={T} E={E}x{per} D={D} k={k}",
+          float(same.float().mean()) >= 0.9 and werr < 1e-3 and not bool(torch.isnan(w).any()),
+          f"(ids agree on {int(same.sum())}/{B}, weight err {werr:.1e})")
 
 
 def ffn_case(N: int, d: int, H: int, E: int, k: int, dtype: torch.dtype, gated: bool, seed: int) -> None:
@@ -113,6 +135,8 @@ def main() -> int:
     route_case(5, 300, 64, 4, torch.bfloat16, 2)
     route_case(130, 1, 40, 3, torch.float16, 3)
     route_case(70, 77, 4096, 1, torch.float32, 4)
+    pooled_case(5, 37, 40, 3, 96, 2, 9)
+    pooled_case(2, 300, 700, 4, 256, 4, 10)
     ffn_case(29, 64, 96, 5, 1, torch.float32, True, 5)
     ffn_case(29, 72, 40, 5, 2, torch.bfloat16, True, 6)
     ffn_case(131, 48, 112, 9, 4, torch.float16, False, 7)

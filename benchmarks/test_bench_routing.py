@@ -55,7 +55,7 @@ def _inputs(S: int, E: int):
 def test_routing_latency(benchmark, bench_rows, request, S, E, backend):
     queries, anchors, thresholds = _inputs(S, E)
     if backend == "triton":
-        from kernels import anchor_route
+        from lemoe_engine.kernels import anchor_route
 
         ids = torch.empty((S, TOP_K), dtype=torch.int32, device=DEV)
         weights = torch.empty((S, TOP_K), dtype=torch.float32, device=DEV)
@@ -97,5 +97,83 @@ def test_routing_latency(benchmark, bench_rows, request, S, E, backend):
     flops = 2 * S * E * D
     bench_rows.add(benchmark, section="routing", case=f"S{S}-E{E}", backend=backend,
                    dtype=torch.float32, shapes={"S": S, "E": E, "d": D, "top_k": TOP_K},
+                   checks=checks, device_us=device_us, request=request,
+                   extra=benchlib.roofline_fields(nbytes, flops, torch.float32, device_us))
+
+
+# --------------------------------------------------------------------------- default routing
+# The default configuration: max pooling over the prompt's tokens, several anchors per expert
+# (``pooled_route``: 2 launches) vs the eager path the layer runs without kernels. One sequence
+# (B = 1) of T prompt tokens, E experts with ANCHORS_PER_EXPERT anchors each, d = 4096.
+T_GRID = (8, 64, 512, 2048)
+EXPERT_GRID = (1, 64, 1024, 4096)
+ANCHORS_PER_EXPERT = 4
+CPU_MAX_WORK = 64 * 64 * ANCHORS_PER_EXPERT  # T x M on the CPU (the rest is the GPU run's)
+
+
+def _default_cases():
+    for T in T_GRID:
+        for E in EXPERT_GRID:
+            yield pytest.param(T, E, "triton", marks=gpu_only, id=f"triton-T{T}-E{E}")
+            marks = gpu_size if T * E * ANCHORS_PER_EXPERT > CPU_MAX_WORK else []
+            yield pytest.param(T, E, "eager", marks=marks, id=f"eager-T{T}-E{E}")
+
+
+def _default_inputs(T: int, E: int):
+    g = torch.Generator().manual_seed(7000 + 10 * T + E)
+    M = E * ANCHORS_PER_EXPERT
+    queries = benchlib.unit_rows(T, D, g).reshape(1, T, D)
+    mask = torch.ones(1, T, dtype=torch.int64, device=DEV)
+    mask[0, : T // 8] = 0                         # left padding: not part of the prompt
+    anchors = benchlib.unit_rows(M, D, g)
+    owner = torch.arange(E, device=DEV, dtype=torch.int32).repeat_interleave(ANCHORS_PER_EXPERT)
+    thresholds = ((torch.rand(M, generator=g) * 0.06) + 0.02).to(DEV)
+    return queries, mask, anchors, owner, thresholds
+
+
+@pytest.mark.parametrize("T,E,backend", list(_default_cases()))
+def test_default_routing_latency(benchmark, bench_rows, request, T, E, backend):
+    from lemoe_engine.routing import expert_starts, route_scores
+    queries, mask, anchors, owner, thresholds = _default_inputs(T, E)
+    M = anchors.shape[0]
+    if backend == "triton":
+        from lemoe_engine.kernels import pooled_route
+
+        start = expert_starts(owner, E)
+        ids = torch.empty((1, TOP_K), dtype=torch.int32, device=DEV)
+        weights = torch.empty((1, TOP_K), dtype=torch.float32, device=DEV)
+        scratch = torch.empty((1, M), dtype=torch.float32, device=DEV)
+
+        def op():
+            return pooled_route(queries, mask, anchors, start, thresholds, TOP_K, TEMPERATURE,
+                                out_ids=ids, out_weights=weights, scratch=scratch)
+    else:
+        def op():
+            scores = (queries @ anchors.T).masked_fill(mask.unsqueeze(-1) == 0, float("-inf"))
+            return route_scores(scores.max(dim=1).values, thresholds, owner, E, TOP_K, TEMPERATURE)
+
+    def timed():
+        result = op()
+        benchlib.sync()
+        return result
+
+    benchmark.group = f"default routing T={T}"
+    benchmark.extra_info.update(T=T, E=E, M=M, d=D, top_k=TOP_K, backend=backend)
+    if backend == "triton":
+        ids.fill_(-7)
+        weights.fill_(float("nan"))
+    got_ids, got_weights = benchmark(timed)
+    checks = benchlib.check_pooled_route_float64(queries, mask, anchors, owner, E, thresholds, TOP_K,
+                                                 TEMPERATURE, got_ids, got_weights)
+    if backend == "triton":
+        scores = (queries @ anchors.T).masked_fill(mask.unsqueeze(-1) == 0, float("-inf"))
+        ref_ids, ref_weights = route_scores(scores.max(dim=1).values, thresholds, owner, E, TOP_K, TEMPERATURE)
+        assert torch.equal(got_ids, ref_ids) or not checks["rows_checked"]
+    device_us = benchlib.device_time_us(op) if (CUDA and benchmark.enabled) else None
+    nbytes = (T * D + M * D) * 4 + M * 4 + M * 4 * 2 + TOP_K * 8
+    flops = 2 * T * M * D
+    bench_rows.add(benchmark, section="routing_default", case=f"T{T}-E{E}x{ANCHORS_PER_EXPERT}", backend=backend,
+                   dtype=torch.float32,
+                   shapes={"B": 1, "T": T, "E": E, "M": M, "d": D, "top_k": TOP_K, "pooling": "max"},
                    checks=checks, device_us=device_us, request=request,
                    extra=benchlib.roofline_fields(nbytes, flops, torch.float32, device_us))

@@ -1,4 +1,4 @@
-"""The ``lemoe`` command: demo, edit, eval, generate, compare."""
+"""The ``lemoe`` command: demo, edit, eval, generate, list, remove, compare (and serve, with the vllm extra)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ def _load(model_name: str, adaptor: Optional[str] = None, backend: str = "auto")
     return model, tokenizer
 
 
+def load_edit_file(path, limit: Optional[int] = None, skip_invalid: bool = False):
+    """``load_edits`` for the commands: skipped invalid records are reported on stderr."""
+    from .data import load_edits
+
+    edits = load_edits(path, limit=limit, skip_invalid=skip_invalid)
+    if edits.skipped:
+        print(f"{path}: {edits.skipped_summary()}", file=sys.stderr)
+    return edits
+
+
 def _editor_config(args) -> tuple:
     from .config import LEMoEConfig
     from .editor import EditorConfig
@@ -33,13 +43,23 @@ def _editor_config(args) -> tuple:
         overrides["layer"] = args.layer
     if getattr(args, "expert_hidden", None) is not None:
         overrides["expert_hidden"] = args.expert_hidden
-    return LEMoEConfig(seed=args.seed, **overrides), EditorConfig(train_eos=not args.no_train_eos)
+    return LEMoEConfig(seed=args.seed, **overrides), EditorConfig(train_eos=not args.no_train_eos,
+                                                                  block_size=getattr(args, "block_size", None),
+                                                                  negatives=args.negatives,
+                                                                  train_chat=not args.no_train_chat)
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 12) -> str:
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 12, chat: bool = False) -> str:
+    """Greedy continuation of ``prompt``; ``chat``: asked as the user turn of the tokenizer's chat
+    template with the generation prompt (as ``evaluate(..., chat=True)`` asks)."""
     import torch
 
-    encoded = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    if chat:
+        from .evaluation import chat_text
+        encoded = tokenizer(chat_text(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
+    else:
+        encoded = tokenizer(prompt, return_tensors="pt")
+    encoded = encoded.to(next(model.parameters()).device)
     with torch.no_grad():
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
@@ -63,6 +83,8 @@ def cmd_demo(args) -> int:
                 else "one expert per routing key")
     print(f"lemoe demo: bundled model smollm2-135m, the first {args.limit} bundled edits, "
           f"plan {args.plan} ({grouping})")
+    from .storage import check_save_target
+    check_save_target(args.out)  # a folder that is not an adaptor folder fails before the work
     model, tokenizer = _load("smollm2-135m")
     edits = load_edits(BUNDLED_EDITS, limit=args.limit)
     shown = edits[:3]
@@ -90,30 +112,34 @@ def cmd_demo(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    from .data import bundled_unrelated_prompts, load_edits
+    from .data import bundled_unrelated_prompts
     from .editor import LifelongEditor
     from .errors import ConfigError
+    from .storage import adaptor_lock, check_save_target
 
     if args.adaptor and (args.layer is not None or args.expert_hidden is not None):
         raise ConfigError("--layer and --expert-hidden cannot change an existing adaptor "
                           "(--adaptor): its new experts keep its shape")
-    edits = load_edits(args.edits, limit=args.limit)
-    model, tokenizer = _load(args.model, args.adaptor, backend="eager")
-    config, editor_config = (None, _editor_config(args)[1]) if args.adaptor else _editor_config(args)
-    unrelated = None
+    edits = load_edit_file(args.edits, limit=args.limit, skip_invalid=args.skip_invalid)
+    check_save_target(args.out)  # before the model loads: never edit for minutes, then refuse to save
     if args.unrelated:
         unrelated = [line.strip() for line in Path(args.unrelated).read_text().splitlines() if line.strip()]
     else:
         unrelated = bundled_unrelated_prompts()
-    editor = LifelongEditor(model, tokenizer, config, editor_config, unrelated_prompts=unrelated)
-    started = time.perf_counter()
-    try:
-        reports = editor.edit(edits, batch_size=args.batch_size, plan=args.plan, seed=args.seed,
-                              save_to=args.out)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {editor.layer.num_experts} completed experts saved to {args.out}",
-              file=sys.stderr)
-        return 130
+    # the writer lock on --out is held from reading --adaptor until the new adaptor is in place,
+    # so two `lemoe edit --adaptor A --out A` cannot lose each other's edits
+    with adaptor_lock(args.out):
+        model, tokenizer = _load(args.model, args.adaptor, backend="eager")
+        config, editor_config = (None, _editor_config(args)[1]) if args.adaptor else _editor_config(args)
+        editor = LifelongEditor(model, tokenizer, config, editor_config, unrelated_prompts=unrelated)
+        started = time.perf_counter()
+        try:
+            reports = editor.edit(edits, batch_size=args.batch_size, plan=args.plan, seed=args.seed,
+                                  save_to=args.out)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {editor.layer.num_experts} completed experts saved to {args.out}",
+                  file=sys.stderr)
+            return 130
     print(f"{len(edits)} edits -> {len(reports)} new experts ({editor.layer.num_experts} in total) "
           f"in {time.perf_counter() - started:.0f} s; "
           f"{sum(r.misrouted for r in reports)} edits route to an older expert")
@@ -127,30 +153,94 @@ def cmd_edit(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import load_edits
     from .evaluation import evaluate
 
-    edits = load_edits(args.edits, limit=args.limit)
+    edits = load_edit_file(args.edits, limit=args.limit, skip_invalid=args.skip_invalid)
     model, tokenizer = _load(args.model, args.adaptor, backend=args.backend)
-    metrics = evaluate(model, tokenizer, edits, progress=not args.json)
+    metrics = evaluate(model, tokenizer, edits, progress=not args.json, chat=args.chat,
+                       mode="generate" if args.generate or args.chat else "teacher_forced")
     if args.json:
         print(json.dumps({"reliability": metrics.reliability, "generality": metrics.generality,
-                          "locality": metrics.locality, "n_edits": metrics.n_edits}))
+                          "locality": metrics.locality, "n_edits": metrics.n_edits,
+                          "specificity": metrics.specificity, "n_specificity": metrics.n_specificity,
+                          "leak_rate": metrics.leak_rate, "mode": metrics.mode, "chat": metrics.chat}))
     else:
         print(_metrics_table([("edited", metrics)]))
-        print(f"over {metrics.n_edits} edits (locality against the same model with the adaptor off)")
+        style = "chat template, greedy" if metrics.chat else metrics.mode.replace("_", "-")
+        spec = ("no specificity prompts" if metrics.specificity is None else
+                f"specificity {metrics.specificity:.3f} over {metrics.n_specificity} same-subject prompts")
+        leak = "" if metrics.leak_rate is None else f"; {metrics.leak_rate:.1%} of locality prompts reach an expert"
+        print(f"{spec}{leak}")
+        print(f"over {metrics.n_edits} edits, {style} (locality and specificity against the same model "
+              "with the adaptor off)")
     return 0
 
 
 def cmd_generate(args) -> int:
     model, tokenizer = _load(args.model, args.adaptor, backend=args.backend)
-    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens))
+    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .ledger import entries_from_manifest
+    from .storage import read_adaptor
+
+    manifest, _ = read_adaptor(args.adaptor)
+    entries = entries_from_manifest(manifest.get("edits"), manifest.get("num_experts", 0), f"adaptor {args.adaptor}")
+    shown = [e for e in entries if args.all or e.active]
+    if args.json:
+        print(json.dumps({"adaptor": str(args.adaptor), "revision": manifest.get("revision", 0),
+                          "num_experts": manifest.get("num_experts"),
+                          "edits": [e.to_dict() for e in shown]}, ensure_ascii=False))
+        return 0
+    if not entries:
+        print(f"{args.adaptor}: no edit ledger (written by lemoe-engine before format 2, or no edits)")
+        return 0
+    print(f"{'id':>5s} {'status':10s} {'expert':>6s}  {'subject':20s} edit")
+    for e in shown:
+        note = f"  (superseded by {e.superseded_by})" if e.superseded_by is not None else ""
+        print(f"{e.id:5d} {e.status:10s} {e.expert if e.expert is not None else '-':>6}  "
+              f"{(e.subject or '-')[:20]:20s} {e.prompt} -> {e.target}{note}")
+    hidden = len(entries) - len(shown)
+    print(f"{sum(e.active for e in entries)} active edit(s) in {manifest.get('num_experts')} experts"
+          + (f"; {hidden} superseded/removed not shown (--all)" if hidden else ""))
+    return 0
+
+
+def cmd_remove(args) -> int:
+    from .editor import LifelongEditor
+    from .errors import ConfigError
+    from .storage import adaptor_lock, check_save_target
+
+    if not args.edit and args.subject is None:
+        raise ConfigError("say what to remove: --edit ID (repeatable) or --subject S")
+    check_save_target(args.out)
+    with adaptor_lock(args.out):
+        model, tokenizer = _load(args.model, args.adaptor, backend="eager")
+        editor = LifelongEditor(model, tokenizer)
+        report = editor.remove(ids=args.edit or (), subject=args.subject, save_to=args.out,
+                               progress=not args.no_progress)
+    print(f"removed {len(report.removed)} edit(s) ({', '.join(str(i) for i in report.removed)}); "
+          f"{report.rebuilt} other edit(s) of their experts retrained; "
+          f"{editor.layer.num_experts} experts remain; adaptor written to {args.out}")
     return 0
 
 
 def cmd_compare(args) -> int:
     from .compare import run_compare_command
     return run_compare_command(args)
+
+
+def cmd_serve(args) -> int:
+    from .serving import serve
+    return serve(args.model, args.adaptor, port=args.port, host=args.host, backend=args.backend,
+                 extra=args.vllm_args)
+
+
+def skip_invalid_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="skip invalid edit records (reported on stderr) instead of refusing the file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-train-eos", action="store_true",
                        help="do not train the end-of-sequence token after each target (higher "
                             "paraphrase accuracy on long edit streams; generations may repeat the answer)")
+        p.add_argument("--negatives", type=int, default=0, metavar="N",
+                       help="same-subject negative prompts per edited subject, trained to keep the "
+                            "unedited answers (other facts about the subject); default 0: costs "
+                            "generality and time, see README")
+        p.add_argument("--no-train-chat", action="store_true",
+                       help="do not also train each edit asked through the tokenizer's chat template")
+        p.add_argument("--block-size", type=int, default=None,
+                       help="edits trained at the same time (new experts train together, each as if "
+                            "alone); default: chosen from free memory; 1 = one expert at a time")
         p.add_argument("--limit", type=int, default=limit_default, help="use the first N edits")
         p.add_argument("--seed", type=int, default=0)
 
@@ -187,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--edits", required=True, help="ZsRE or EasyEdit JSON/JSONL file")
     edit.add_argument("--out", required=True, help="adaptor folder to write")
     edit.add_argument("--adaptor", default=None, help="continue editing this adaptor (new experts are added)")
+    skip_invalid_arg(edit)
     edit.add_argument("--unrelated", default=None,
                       help="text file of unrelated prompts (one per line) for the gate; default: bundled")
     editing_args(edit)
@@ -197,7 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adaptor", required=True)
     evaluate.add_argument("--edits", required=True)
     evaluate.add_argument("--limit", type=int, default=None)
+    skip_invalid_arg(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--generate", action="store_true",
+                          help="score greedy generations (the continuation must start with the target; "
+                               "locality: the first 8 tokens unchanged) instead of teacher-forced tokens")
+    evaluate.add_argument("--chat", action="store_true",
+                          help="ask every prompt through the tokenizer's chat template and score greedy "
+                               "generations (the first 32 tokens must contain the target; implies --generate)")
     evaluate.add_argument("--backend", choices=("auto", "eager", "triton"), default="auto")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -206,8 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--adaptor", default=None)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=20)
+    generate.add_argument("--chat", action="store_true",
+                          help="ask through the tokenizer's chat template (user turn + generation prompt)")
     generate.add_argument("--backend", choices=("auto", "eager", "triton"), default="auto")
     generate.set_defaults(func=cmd_generate)
+
+    listing = sub.add_parser("list", help="the edit ledger of an adaptor: every edit, its expert and status")
+    listing.add_argument("adaptor", help="adaptor folder")
+    listing.add_argument("--json", action="store_true", help="print one JSON object with an 'edits' list")
+    listing.add_argument("--all", action="store_true", help="also superseded and removed edits")
+    listing.set_defaults(func=cmd_list)
+
+    remove = sub.add_parser("remove", help="remove edits from an adaptor (their experts' other edits are kept)")
+    remove.add_argument("adaptor", help="adaptor folder")
+    model_arg(remove)
+    remove.add_argument("--edit", type=int, action="append", metavar="ID", help="ledger id (repeatable; see lemoe list)")
+    remove.add_argument("--subject", default=None, help="remove every active edit about this subject")
+    remove.add_argument("--out", required=True, help="adaptor folder to write (may be the same folder)")
+    remove.add_argument("--no-progress", action="store_true")
+    remove.set_defaults(func=cmd_remove)
 
     compare = sub.add_parser("compare", help="LEMoE vs baselines and ablations, side by side")
     try:
@@ -216,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as error:  # pragma: no cover - compare module missing
         compare.set_defaults(unavailable=str(error))
     compare.set_defaults(func=cmd_compare)
+
+    serve = sub.add_parser("serve", help="serve the edited model with vLLM's OpenAI-compatible server "
+                                         "(needs the vllm extra); other options go to vLLM",
+                           epilog="Options lemoe does not know (e.g. --max-model-len 2048, "
+                                  "--tensor-parallel-size 2) are passed to `vllm serve`.")
+    model_arg(serve)
+    serve.add_argument("--adaptor", required=True, help="adaptor folder")
+    serve.add_argument("--port", type=int, default=None, help="HTTP port (vLLM's default: 8000)")
+    serve.add_argument("--host", default=None, help="interface to listen on (vLLM's default: all)")
+    serve.add_argument("--backend", choices=("auto", "eager", "triton"), default="auto")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -223,7 +358,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .errors import LEMoEError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "serve":  # only `serve` passes options on (to vLLM)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.vllm_args = unknown
     for name in ("limit", "batch_size", "expert_hidden", "max_new_tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

@@ -9,14 +9,17 @@ For every method and every stream length T (lifelong protocol):
    own editor, by default one expert per routing-key group, ``lemoe-kmeans`` the paper's k-means
    batches of its routing queries; the baselines: ``planner.plan_order`` k-means batches of
    ``batch_size`` on the planner's default sentence features);
-4. reliability / generality / locality are measured over all T edits after the LAST batch with
-   ``evaluation.evaluate``; then that pass is timed on the edited model and with the edit switched
+4. reliability / generality / locality / specificity (and the leak rate) are measured over all T
+   edits after the LAST batch with ``evaluation.evaluate``, in every metric style asked for
+   (``styles``): teacher-forced token accuracy, greedy generation on the raw prompts, and greedy
+   generation through the chat template (each against the unedited model's reference taken in
+   step 2 in the same style); then the teacher-forced pass is timed on the edited model and with the edit switched
    off in place (LEMoE: ``adaptors_disabled``; FT-L: original weight swapped back; GRACE: codebook
    off), interleaved, fastest of ``timing_repeats`` each: edited / unedited is the inference
    overhead (interleaving keeps a busy machine's load out of the ratio).
 
-Rows are merged into ``editing_results.json`` (keyed by model, method and T, so runs can be
-done piecewise), and ``EDITING.md`` and ``editing_vs_T.png`` are rewritten from all rows.
+Rows are merged into ``editing_results.json`` (keyed by model, data set, method and T, so runs
+can be done piecewise), and ``EDITING.md`` and ``editing_vs_T.png`` are rewritten from all rows.
 """
 
 from __future__ import annotations
@@ -43,12 +46,18 @@ from .baselines import FTLConfig, FTLEditor, GraceConfig, GraceEditor, NoEditEdi
 from .config import LEMoEConfig
 from .editor import DEFAULT_BATCH_SIZE, DEFAULT_PLAN
 from .errors import ConfigError, LEMoEError
-from .evaluation import evaluate, locality_reference
+from .evaluation import evaluate, unedited_reference
 
 RESULTS_JSON = "editing_results.json"
 RESULTS_MD = "EDITING.md"
 RESULTS_PNG = "editing_vs_T.png"
 METRICS = ("reliability", "generality", "locality", "average")
+STYLES = ("teacher_forced", "greedy", "chat")
+"""Metric styles of ``lemoe compare``: teacher-forced token accuracy, greedy generation on the raw
+prompt, greedy generation through the chat template (see ``evaluation``)."""
+STYLE_ARGS = {"teacher_forced": dict(mode="teacher_forced"), "greedy": dict(mode="generate"),
+              "chat": dict(mode="generate", chat=True)}
+BUNDLED_DATA = "bundled"
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,22 @@ def _metrics_dict(metrics) -> dict:
             "locality": metrics.locality, "average": metrics.average()}
 
 
+def _style_dict(metrics, seconds: float) -> dict:
+    return {**_metrics_dict(metrics), "specificity": metrics.specificity,
+            "n_specificity": metrics.n_specificity, "leak_rate": metrics.leak_rate,
+            "specificity_leak_rate": metrics.specificity_leak_rate, "eval_seconds": seconds}
+
+
+def _check_styles(styles: Sequence[str]) -> list[str]:
+    styles = [x.strip() for x in styles if x.strip()]
+    unknown = [x for x in styles if x not in STYLES]
+    if unknown or not styles:
+        raise ConfigError(f"unknown metric style(s) {unknown or styles!r}; choose from {', '.join(STYLES)}")
+    if "teacher_forced" not in styles:
+        styles.insert(0, "teacher_forced")  # the row's main columns and the timing use it
+    return list(dict.fromkeys(styles))
+
+
 def _run_one(method: Method, model, tokenizer, edits, *, batch_size, seed, progress, unrelated_prompts,
              lemoe_config, editor_config, ftl_config, grace_config, plan_features) -> dict:
     """Edit ``model`` with ``method``; returns (a context factory running the model as unedited,
@@ -203,7 +228,8 @@ def run_comparison(model_name: str, edits, methods: Sequence[str] = DEFAULT_METH
                    editor_config=None,
                    ftl_config: Optional[FTLConfig] = None, grace_config: Optional[GraceConfig] = None,
                    plan_features: Optional[Callable[[list[str]], Any]] = None, timing_repeats: int = 3,
-                   eval_batch_size: int = 32, command: Optional[str] = None) -> list[dict]:
+                   eval_batch_size: int = 32, command: Optional[str] = None,
+                   styles: Sequence[str] = STYLES, data_name: str = BUNDLED_DATA) -> list[dict]:
     """Compare ``methods`` on the first T edits for every T in ``limit_values``; returns the new
     rows and writes/merges ``out_dir``/{editing_results.json, EDITING.md, editing_vs_T.png}.
 
@@ -214,12 +240,17 @@ def run_comparison(model_name: str, edits, methods: Sequence[str] = DEFAULT_METH
     planner's sentence encoder for the baselines. A method that refuses its configuration
     (``ConfigError``, e.g. a routing the editor does not train) gets a row with status
     "unsupported" and the reason, never a number.
+
+    ``styles``: metric styles (``STYLES``; teacher-forced always runs); a style the tokenizer
+    cannot do (chat without a chat template) is left out of the row with the reason.
+    ``data_name``: the edit set's name, part of each row's key (default ``"bundled"``).
     """
     edits = list(edits)
     if not edits:
         raise ConfigError("no edits given")
     methods = _check_methods(methods)
     limits = _check_limits(limit_values, len(edits))
+    styles = _check_styles(styles)
     if isinstance(timing_repeats, bool) or not isinstance(timing_repeats, int) or timing_repeats < 1:
         raise ConfigError(f"timing_repeats must be a positive int, got {timing_repeats!r}")
     if model_loader is None:
@@ -242,9 +273,17 @@ def run_comparison(model_name: str, edits, methods: Sequence[str] = DEFAULT_METH
                 "batch_size": batch_size, "seed": seed, "device": device_description(param.device),
                 "dtype": str(param.dtype).replace("torch.", ""), "torch": torch.__version__,
                 "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "command": command,
+                "command": command, "data": data_name,
             }
-            ref = locality_reference(model, tokenizer, subset, batch_size=eval_batch_size, progress=False)
+            # every style's reference: the fresh model, before any edit
+            refs: dict[str, Any] = {}
+            for style in styles:
+                try:
+                    refs[style] = unedited_reference(model, tokenizer, subset, batch_size=eval_batch_size,
+                                                     progress=False, **STYLE_ARGS[style])
+                except ConfigError as err:  # e.g. no chat template
+                    row.setdefault("styles_skipped", {})[style] = str(err)
+            ref = refs["teacher_forced"]
             pre = _evaluate(model, tokenizer, subset, ref, eval_batch_size)
             try:
                 unedited, info = _run_one(
@@ -259,20 +298,34 @@ def run_comparison(model_name: str, edits, methods: Sequence[str] = DEFAULT_METH
                     print(f"compare: {name} T={T}: not supported: {err}", file=sys.stderr, flush=True)
             else:
                 row.update(info)
+                started = time.perf_counter()
                 post = _evaluate(model, tokenizer, subset, ref, eval_batch_size)
                 row.update(status="ok", **_metrics_dict(post), n_edits=T)
+                row.update({k: v for k, v in _style_dict(post, time.perf_counter() - started).items()
+                            if k not in row})
+                for style in styles[1:]:
+                    if style in refs:
+                        started = time.perf_counter()
+                        metrics = evaluate(model, tokenizer, subset, locality_ref=refs[style],
+                                           batch_size=eval_batch_size, progress=False, **STYLE_ARGS[style])
+                        row[style] = _style_dict(metrics, time.perf_counter() - started)
                 unedited_s, edited_s = _overhead_timing(model, tokenizer, subset, ref, timing_repeats,
                                                         eval_batch_size, unedited)
                 row["inference"] = {
-                    "pass": "evaluate(): rel + gen + loc teacher-forced over the T edits, batch "
+                    "pass": "evaluate(): rel + gen + loc (+ spec) teacher-forced over the T edits, batch "
                             f"{eval_batch_size}; fastest of {timing_repeats}, edited and unedited "
                             "(edit switched off in place) interleaved",
                     "unedited_seconds": unedited_s, "edited_seconds": edited_s,
                     "overhead": edited_s / unedited_s if unedited_s > 0 else None,
                 }
                 if progress:
+                    styled = " ".join(
+                        f"| {st} {_fmt(row[st]['reliability'])}/{_fmt(row[st]['generality'])}/"
+                        f"{_fmt(row[st]['locality'])}/{_fmt(row[st]['specificity'])}"
+                        for st in styles[1:] if st in row)
                     print(f"compare: {name} T={T}: rel {row['reliability']:.3f} gen {row['generality']:.3f} "
-                          f"loc {row['locality']:.3f} edit {row['edit_seconds']:.1f}s "
+                          f"loc {row['locality']:.3f} spec {_fmt(row.get('specificity'))} "
+                          f"leak {_fmt(row.get('leak_rate'))} {styled} edit {row['edit_seconds']:.1f}s "
                           f"overhead x{row['inference']['overhead']:.2f}", file=sys.stderr, flush=True)
             row["pre_edit"] = _metrics_dict(pre)
             rows.append(row)
@@ -287,7 +340,7 @@ def run_comparison(model_name: str, edits, methods: Sequence[str] = DEFAULT_METH
 # --------------------------------------------------------------------------------------------
 
 def _row_key(row: dict) -> tuple:
-    return (row.get("model"), row["method"], int(row["T"]))
+    return (row.get("model"), row.get("data") or BUNDLED_DATA, row["method"], int(row["T"]))
 
 
 def _method_rank(name: str) -> tuple:
@@ -300,7 +353,8 @@ def merge_rows(existing: list[dict], new: list[dict]) -> list[dict]:
     merged = {_row_key(r): r for r in existing}
     for row in new:
         merged[_row_key(row)] = row
-    return sorted(merged.values(), key=lambda r: (str(r.get("model")), int(r["T"]), _method_rank(r["method"])))
+    return sorted(merged.values(), key=lambda r: (str(r.get("model")), str(r.get("data") or BUNDLED_DATA),
+                                                  int(r["T"]), _method_rank(r["method"])))
 
 
 def _sanitize(value):
@@ -334,35 +388,62 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _style_cells(row: dict, style: str) -> list[str]:
+    values = row if style == "teacher_forced" else (row.get(style) or {})
+    return [_fmt(values.get(k)) for k in ("reliability", "generality", "locality", "specificity")]
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["# Editing comparison: LEMoE vs baselines", "",
              "Lifelong protocol: the first T edits are applied batch after batch and every metric is "
-             "measured after the last batch, over all T edits (teacher-forced token accuracy as "
-             "EasyEdit computes it; locality against the unedited model's argmax). Edit time is the "
-             "wall time of planning + editing for LEMoE, editing alone for the baselines (their "
-             "planning is `plan s`). Overhead = time of one evaluation pass of the edited model / "
-             "the same pass with the edit switched off in place (LEMoE: adaptors disabled, FT-L: "
-             "original weight, GRACE: codebook off), interleaved, fastest of N each. Written by `lemoe compare` "
+             "measured after the last batch, over all T edits, against the unedited model's answers. "
+             "Three metric styles side by side (lemoe_engine/evaluation.py): **TF** = teacher-forced "
+             "token accuracy as EasyEdit computes it; **greedy** = greedy generation on the raw prompt "
+             "(an edit counts when the continuation starts with the target, normalised; locality / "
+             "specificity when the first 8 tokens equal the unedited model's); **chat** = the prompt "
+             "asked through the tokenizer's chat template (an edit counts when the first 32 new tokens "
+             "contain the target; locality / specificity when the unedited model's first 16 tokens are "
+             "reproduced). Spec = specificity: same-subject prompts about other relations (prompts "
+             "about a fact edited in the same stream are skipped; '-' where the data has none). Leak = "
+             "fraction of locality prompts that reach any expert (LEMoE) or codebook entry (GRACE), raw "
+             "and through the chat template; '-' for methods without a router. Edit time is the wall "
+             "time of planning + editing for LEMoE, editing alone for the baselines (their planning is "
+             "`plan s`). Overhead = time of one teacher-forced evaluation pass of the edited model / the "
+             "same pass with the edit switched off in place (LEMoE: adaptors disabled, FT-L: original "
+             "weight, GRACE: codebook off), interleaved, fastest of N each. Written by `lemoe compare` "
              "(lemoe_engine/compare.py); raw rows in editing_results.json.", ""]
-    by_model: dict[str, list[dict]] = {}
+    by_model: dict[tuple, list[dict]] = {}
     for row in rows:
-        by_model.setdefault(str(row.get("model")), []).append(row)
-    for model, group in by_model.items():
+        by_model.setdefault((str(row.get("model")), str(row.get("data") or BUNDLED_DATA)), []).append(row)
+    for (model, data), group in by_model.items():
         devices = sorted({str(r.get("device")) for r in group})
-        lines += [f"## {model}", "", f"Device: {'; '.join(devices)}", "",
-                  "| method | T | Rel | Gen | Loc | Avg | edit s | s/edit | plan s | steps | overhead | status |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [f"## {model}, {data} edits", "", f"Device: {'; '.join(devices)}", "",
+                  "| method | T | TF Rel | TF Gen | TF Loc | TF Spec | greedy Rel | greedy Gen | greedy Loc "
+                  "| greedy Spec | chat Rel | chat Gen | chat Loc | chat Spec | leak | chat leak | edit s | status |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in group:
-            inference = r.get("inference") or {}
-            overhead = inference.get("overhead")
             status = r.get("status", "ok")
             if status != "ok":
                 status = f"{status}: {str(r.get('reason', '')).splitlines()[0][:90]}"
+            cells = [r["method"], str(r["T"])]
+            for style in STYLES:
+                cells += _style_cells(r, style)
+            cells += [_fmt(r.get("leak_rate")), _fmt((r.get("chat") or {}).get("leak_rate")),
+                      _fmt(r.get("edit_seconds"), 1), status]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "| method | T | batches (LEMoE: experts) | edit s | s/edit | plan s | steps | overhead "
+                  "| spec prompts | eval s (TF / greedy / chat) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in group:
+            inference = r.get("inference") or {}
+            overhead = inference.get("overhead")
+            evals = " / ".join(_fmt((r if st == "teacher_forced" else (r.get(st) or {})).get("eval_seconds"), 0)
+                               for st in STYLES)
             lines.append(
-                f"| {r['method']} | {r['T']} | {_fmt(r.get('reliability'))} | {_fmt(r.get('generality'))} "
-                f"| {_fmt(r.get('locality'))} | {_fmt(r.get('average'))} | {_fmt(r.get('edit_seconds'), 1)} "
+                f"| {r['method']} | {r['T']} | {r.get('batches', '-')} | {_fmt(r.get('edit_seconds'), 1)} "
                 f"| {_fmt(r.get('seconds_per_edit'), 2)} | {_fmt(r.get('plan_seconds'), 1)} "
-                f"| {r.get('steps', '-')} | {'-' if overhead is None else f'x{overhead:.2f}'} | {status} |")
+                f"| {r.get('steps', '-')} | {'-' if overhead is None else f'x{overhead:.2f}'} "
+                f"| {r.get('n_specificity', '-')} | {evals} |")
         lines.append("")
         commands = sorted({str(r.get("command")) for r in group if r.get("command")})
         if commands:
@@ -371,7 +452,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot_results(rows: list[dict], path: str | os.PathLike) -> None:
-    """One panel per metric, the metric against T, one line per (model, method)."""
+    """One panel per metric (teacher-forced), the metric against T, one line per (model, data,
+    method)."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -381,10 +463,10 @@ def plot_results(rows: list[dict], path: str | os.PathLike) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2).ravel()
     ok = [r for r in rows if r.get("status", "ok") == "ok" and r.get("reliability") is not None]
-    models = sorted({str(r.get("model")) for r in ok})
+    models = sorted({(str(r.get("model")), str(r.get("data") or BUNDLED_DATA)) for r in ok})
     series: dict[tuple, list[dict]] = {}
     for r in ok:
-        series.setdefault((str(r.get("model")), r["method"]), []).append(r)
+        series.setdefault((f"{r.get('model')}, {r.get('data') or BUNDLED_DATA}", r["method"]), []).append(r)
     ts = sorted({int(r["T"]) for r in ok})
     markers = "os^vD<>ph*X"
     for ax, metric in zip(axes, METRICS):
@@ -434,21 +516,30 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--timing-repeats", type=int, default=3,
                         help="evaluation passes timed per model state; the fastest counts (default: 3)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-row lines")
+    parser.add_argument("--styles", default=",".join(STYLES),
+                        help="comma-separated metric styles (default: %(default)s; teacher_forced always "
+                             "runs; chat needs a tokenizer with a chat template)")
+    from .cli import skip_invalid_arg
+    skip_invalid_arg(parser)
     return parser
 
 
 def run_compare_command(namespace: argparse.Namespace) -> int:
     """Run ``lemoe compare`` from parsed arguments; 0 on success, 2 on a user error."""
-    from .data import BUNDLED_EDITS, load_edits
+    from .cli import load_edit_file
+    from .data import BUNDLED_EDITS
     try:
         methods = _check_methods(namespace.methods.split(","))
         limits = namespace.limits or [10, 100]
-        edits = load_edits(namespace.edits or BUNDLED_EDITS)
+        edits = load_edit_file(namespace.edits or BUNDLED_EDITS, skip_invalid=namespace.skip_invalid)
         _check_limits(limits, len(edits))
+        styles = _check_styles(namespace.styles.split(","))
+        data_name = Path(namespace.edits).name if namespace.edits else BUNDLED_DATA
         command = getattr(namespace, "command_line", None) or shlex.join(["lemoe", *sys.argv[1:]])
         rows = run_comparison(namespace.model, edits, methods, limits, batch_size=namespace.batch_size,
                               seed=namespace.seed, out_dir=namespace.out, progress=not namespace.no_progress,
-                              device=namespace.device, timing_repeats=namespace.timing_repeats, command=command)
+                              device=namespace.device, timing_repeats=namespace.timing_repeats, command=command,
+                              styles=styles, data_name=data_name)
     except LEMoEError as err:
         print(f"lemoe compare: error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ separate parameters until ``freeze_expert`` appends it to the stack.
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from torch import nn
 from .config import LEMoEConfig
 from .errors import ConfigError
 from .experts import expert_ffn_reference, init_expert
-from .routing import QueryEncoder, l2_normalize, masked_mean, route_scores
+from . import routing
+from .routing import QueryEncoder, l2_normalize, masked_mean
 
 WEIGHT_NAMES = ("w_up", "w_gate", "w_down")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -68,10 +70,18 @@ class LEMoELayer(nn.Module):
         self.trainable = nn.ParameterDict()  # the expert being trained, if any
         self.expert_info: list[dict[str, Any]] = []
         self.base_info: dict[str, Any] = {}  # identity of the base model, set by attach
+        # the adaptor folder this layer was loaded from / last saved to: {path, revision, tensors_sha256};
+        # save() refuses to overwrite that folder if another writer changed it since
+        self.adaptor_origin: Optional[dict[str, Any]] = None
+        self.ledger: list = []  # ledger.LedgerEntry per edit that shaped the adaptor (saved with it)
         self.disabled = False
         self._context = RouteContext()
         self._query_mask: Optional[torch.Tensor] = None
         self._sequence_route: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # the grouped order of the sequence route for the FFN kernels: (key, GroupedLayout)
+        self._route_layout: Optional[tuple[Any, Any]] = None
+        self._route_layout_stale = True
+        self._expert_start_cache: Optional[tuple[Any, torch.Tensor]] = None
 
     # ------------------------------------------------------------------ experts
     @property
@@ -136,21 +146,69 @@ class LEMoELayer(nn.Module):
         self._append_frozen({name: p.detach() for name, p in self.trainable.items()})
         self.trainable = nn.ParameterDict()
 
-    def remove_expert(self) -> None:
-        """Remove the newest expert and its anchors (roll back the last edit batch)."""
+    def add_experts(self, experts: list[dict[str, Any]]) -> list[int]:
+        """Append several trained experts, frozen, in order: each a dict with ``anchors``,
+        ``thresholds``, ``weights`` ({name: tensor}) and optional ``info``. The same as
+        ``add_expert`` + setting the weights + ``freeze_expert`` for each, but the weight stacks
+        are copied once for all of them, not once per expert (the editor's blocked training)."""
+        indices, new = [], {name: [] for name in self.weight_names}
+        for spec in experts:
+            indices.append(self.add_expert(spec["anchors"], spec["thresholds"], trainable=True,
+                                           **spec.get("info", {})))
+            self.trainable = nn.ParameterDict()  # its stack rows are the given weights, below
+            for name in self.weight_names:
+                new[name].append(spec["weights"][name].detach())
+        if indices:
+            self._append_frozen({name: torch.stack(new[name]) for name in self.weight_names}, stacked=True)
+        return indices
+
+    def remove_expert(self, index: Optional[int] = None) -> None:
+        """Remove expert ``index`` (default: the newest, i.e. roll back the last edit batch) and
+        its anchors; the experts after it move down by one (their anchors stay in expert order)."""
         if self.num_experts == 0:
             raise ConfigError("the layer has no expert to remove")
+        newest = self.num_experts - 1
+        index = newest if index is None else index
+        self._check_index(index)
         if len(self.trainable):
+            if index != newest:
+                raise ConfigError("an expert is being trained: only it (the newest) can be removed now")
             self.trainable = nn.ParameterDict()
         else:
             for name in self.weight_names:
                 stack = getattr(self, name)
-                setattr(self, name, nn.Parameter(stack[:-1].clone(), requires_grad=False))
-        keep = self.anchor_expert != self.num_experts - 1
+                kept = torch.cat([stack[:index], stack[index + 1:]])
+                setattr(self, name, nn.Parameter(kept.clone(), requires_grad=False))
+        keep = self.anchor_expert != index
+        owners = self.anchor_expert[keep]
         self.anchors = self.anchors[keep].clone()
-        self.anchor_expert = self.anchor_expert[keep].clone()
+        self.anchor_expert = torch.where(owners > index, owners - 1, owners).clone()
         self.thresholds = self.thresholds[keep].clone()
-        self.expert_info.pop()
+        self.expert_info.pop(index)
+        for entry in self.ledger:  # ledger entries follow their experts' new ids
+            if entry.expert is not None and entry.expert >= index:
+                entry.expert = entry.expert - 1 if entry.expert > index else None
+        self._sequence_route = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of every expert, anchor, threshold and the ledger, for ``restore``: an editing
+        run that drops older experts before training their replacements rolls back with it."""
+        if len(self.trainable):
+            raise ConfigError("an expert is being trained: freeze it before taking a snapshot")
+        names = (*self.weight_names, "anchors", "anchor_expert", "thresholds")
+        return {"tensors": {name: getattr(self, name).detach().clone() for name in names},
+                "expert_info": copy.deepcopy(self.expert_info), "ledger": copy.deepcopy(self.ledger)}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Put back the experts, anchors, thresholds and ledger of ``snapshot``."""
+        self.trainable = nn.ParameterDict()
+        for name, tensor in snapshot["tensors"].items():
+            if name in self.weight_names:
+                setattr(self, name, nn.Parameter(tensor.clone(), requires_grad=False))
+            else:
+                setattr(self, name, tensor.clone())
+        self.expert_info = copy.deepcopy(snapshot["expert_info"])
+        self.ledger = copy.deepcopy(snapshot["ledger"])
         self._sequence_route = None
 
     def anchor_rows(self, expert: int) -> torch.Tensor:
@@ -174,10 +232,11 @@ class LEMoELayer(nn.Module):
         if not 0 <= index < self.num_experts:
             raise ConfigError(f"expert index {index} out of range (the layer has {self.num_experts})")
 
-    def _append_frozen(self, weights: dict[str, torch.Tensor]) -> None:
+    def _append_frozen(self, weights: dict[str, torch.Tensor], stacked: bool = False) -> None:
         for name in self.weight_names:
             stack = getattr(self, name)
-            new = weights[name].to(device=stack.device, dtype=stack.dtype).unsqueeze(0)
+            new = weights[name].to(device=stack.device, dtype=stack.dtype)
+            new = new if stacked else new.unsqueeze(0)
             setattr(self, name, nn.Parameter(torch.cat([stack.detach(), new]), requires_grad=False))
 
     def expert_weights(self) -> dict[str, Any]:
@@ -229,17 +288,8 @@ class LEMoELayer(nn.Module):
     def anchor_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine score of every anchor: [B*T, M] for token routing, [B, M] for sequence routing
         (mean pooling: of the pooled query; max pooling: of the best-matching prompt token)."""
-        anchors = self.anchors
-        if self.config.routing == "token":
-            vectors = self.token_vectors(x)
-            return self.query_encoder(vectors.reshape(-1, vectors.shape[-1])) @ anchors.T
-        if self.config.query_pooling == "mean":
-            return self.query_encoder(self.pooled_vectors(x)) @ anchors.T
-        scores = self.query_encoder(self.token_vectors(x)) @ anchors.T          # [B, T, M]
-        mask = self.prompt_mask(x)
-        if mask is not None:
-            scores = scores.masked_fill(mask.unsqueeze(-1) == 0, float("-inf"))
-        return scores.max(dim=1).values
+        return routing.anchor_scores(self.config, self.query_encoder, self.anchors, self.token_vectors(x),
+                                     self.prompt_mask(x))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids and weights per token, [B*T, top_k] each."""
@@ -251,33 +301,47 @@ class LEMoELayer(nn.Module):
         else:
             ids, weights = self._route(x)
             if self.config.routing == "sequence":
-                self._sequence_route = (ids, weights)
+                ids, weights = self._keep_sequence_route(ids, weights)
         if self.config.routing == "sequence":
             k = ids.shape[1]
             ids = ids[:, None, :].expand(batch, length, k).reshape(-1, k)
             weights = weights[:, None, :].expand(batch, length, k).reshape(-1, k)
         return ids, weights
 
+    def _keep_sequence_route(self, ids: torch.Tensor, weights: torch.Tensor):
+        """Store a fresh sequence route in persistent buffers: a route of the same shape is
+        copied into the previous one's memory, so a CUDA graph captured at a decode step reads
+        the current route, never a stale or freed one. Marks the cached grouped order stale."""
+        kept = self._sequence_route
+        if (kept is not None and kept[0].shape == ids.shape and kept[0].dtype == ids.dtype
+                and kept[0].device == ids.device and kept[1].dtype == weights.dtype):
+            kept[0].copy_(ids)
+            kept[1].copy_(weights)
+        else:
+            self._sequence_route = (ids, weights)
+        self._route_layout_stale = True
+        return self._sequence_route
+
     def gate_thresholds(self) -> torch.Tensor:
         return self.thresholds if self.config.gate else torch.full_like(self.thresholds, float("-inf"))
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        # every expert has >= 1 anchor and anchors are stored in expert order, so equal counts
-        # mean anchor i is expert i's only one (a shape test: no device sync)
-        one_anchor_each = self.num_anchors == self.num_experts
-        single_query = cfg.routing == "token" or cfg.query_pooling == "mean"
-        if single_query and one_anchor_each and self._use_kernels(x):
-            # the fused kernel: scores, gate, top-k and softmax in one launch
-            from kernels import anchor_route
-            vectors = self.token_vectors(x)
-            vectors = (vectors.reshape(-1, vectors.shape[-1]) if cfg.routing == "token"
-                       else self.pooled_vectors(x))
-            queries = self.query_encoder(vectors).contiguous()
-            return anchor_route(queries, self.anchors, self.gate_thresholds().contiguous(),
-                                cfg.top_k, cfg.temperature)
-        return route_scores(self.anchor_scores(x), self.gate_thresholds(), self.anchor_expert,
-                            self.num_experts, cfg.top_k, cfg.temperature)
+        """Ids and weights, [B*T, k] (token routing) or [B, k] (sequence routing): see
+        ``routing.route`` (eager reference, or the fused kernels on the triton backend)."""
+        use_kernels = self._use_kernels(x)
+        mask = self.prompt_mask(x) if self.config.routing == "sequence" else None
+        return routing.route(self.config, self.query_encoder, self.anchors, self.anchor_expert,
+                             self.gate_thresholds(), self.num_experts, self.token_vectors(x), mask,
+                             use_kernels=use_kernels,
+                             expert_start=self._expert_start() if use_kernels else None)
+
+    def _expert_start(self) -> torch.Tensor:
+        """``routing.expert_starts`` of the anchors, cached until the anchor table changes."""
+        owner = self.anchor_expert
+        key = (owner.data_ptr(), owner._version, owner.shape[0], self.num_experts, owner.device)
+        if self._expert_start_cache is None or self._expert_start_cache[0] != key:
+            self._expert_start_cache = (key, routing.expert_starts(owner, self.num_experts))
+        return self._expert_start_cache[1]
 
     # ------------------------------------------------------------------ forward
     def _use_kernels(self, x: torch.Tensor) -> bool:
@@ -291,20 +355,54 @@ class LEMoELayer(nn.Module):
                                   "CPU interpreter); use backend='auto' or 'eager' on CPU")
         return backend == "triton" or x.is_cuda
 
+    def _kernel_experts(self) -> dict[str, Any]:
+        """The frozen stacks as the kernels read them: H zero-padded to a multiple of 16 when
+        ``expert_hidden`` is not one (exact; costs a copy per call: prefer multiples of 16)."""
+        from .kernels import pad_expert_hidden
+        w_up, w_gate, w_down = pad_expert_hidden(self.w_up, getattr(self, "w_gate", None)
+                                                 if self.config.expert_gated else None, self.w_down)
+        return {"w_up": w_up, "w_gate": w_gate, "w_down": w_down}
+
+    def _decode_layout(self, x: torch.Tensor, w_up: torch.Tensor):
+        """The grouped (expert-sorted) order of the sequence route, kept with it.
+
+        Rebuilt when a new route is stored (at prefill, outside any CUDA graph), into the same
+        buffers when shapes allow; a decode step (one new token per sequence) with the route
+        unchanged passes it to the FFN kernels and launches only those. None when not usable."""
+        route = self._sequence_route
+        if self.config.routing != "sequence" or route is None or route[0].shape[0] != x.shape[0]:
+            return None
+        from .kernels import grouped_layout
+        key = (route[0].data_ptr(), tuple(route[0].shape), tuple(w_up.shape), w_up.dtype, w_up.device)
+        cached = self._route_layout
+        if cached is None or cached[0] != key or self._route_layout_stale:
+            fresh = grouped_layout(route[0], w_up)
+            if cached is not None and cached[0] == key and cached[1].matches(fresh):
+                cached[1].copy_(fresh)
+            else:
+                self._route_layout = (key, fresh)
+            self._route_layout_stale = False
+        return self._route_layout[1] if x.shape[1] == 1 else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.num_experts == 0 or self.disabled:
             return out
         ids, weights = self.route(x)
+        if self._use_kernels(x):
+            from .kernels import grouped_expert_ffn
+            # the kernel adds into ``out`` in place: a non-contiguous base output would be
+            # reshaped into a copy and the experts' contribution lost
+            out = out.contiguous()
+            experts = self._kernel_experts()
+            layout = self._decode_layout(x, experts["w_up"])
+            grouped_expert_ffn(x.reshape(-1, x.shape[-1]).contiguous(), ids, weights, experts["w_up"],
+                               experts["w_gate"], experts["w_down"], self.config.expert_activation,
+                               out.view(-1, out.shape[-1]), self.config.scale, layout=layout)
+            return out
         flat_x = x.reshape(-1, x.shape[-1])
         flat_out = out.reshape(-1, out.shape[-1])
         experts = self.expert_weights()
-        if self._use_kernels(x):
-            from kernels import grouped_expert_ffn
-            grouped_expert_ffn(flat_x.contiguous(), ids, weights, experts["w_up"], experts.get("w_gate"),
-                               experts["w_down"], self.config.expert_activation, flat_out,
-                               self.config.scale)
-            return out
         flat_out = expert_ffn_reference(flat_x, ids, weights, experts["w_up"], experts.get("w_gate"),
                                         experts["w_down"], self.config.expert_activation, flat_out,
                                         self.config.scale)

@@ -1,9 +1,19 @@
-"""KV-anchor routing: the instance query and the eager routing reference.
+"""KV-anchor routing, one home for both backends: "prompt vectors -> expert ids, weights".
 
 The query of an input is its pooled vector (token embeddings or the target MLP's input),
 centred, passed through the small projection ``W_up SiLU(W_down .)`` and L2-normalised.
 Anchors are L2-normalised too, so a score is a cosine similarity in [-1, 1] and a gate
 threshold means the same thing for every expert.
+
+Layout (as Liger-Kernel keeps an op's reference, launch function and module apart):
+
+* ``QueryEncoder``, ``masked_mean``: the queries (eager, both backends);
+* ``anchor_scores`` + ``route_scores`` = ``route_eager``: the reference, and the CPU path;
+* ``route_kernels``: the same contract through the Triton kernels of ``lemoe_engine.kernels``
+  (``anchor_route``: one anchor per expert and one query per row, one launch;
+  ``pooled_route``: max pooling over prompt tokens and/or several anchors per expert, two
+  launches);
+* ``route``: picks one of the two; ``LEMoELayer`` calls it.
 """
 
 from __future__ import annotations
@@ -112,3 +122,72 @@ def route_reference(
     scores = queries.float() @ anchors.float().T
     experts = torch.arange(anchors.shape[0], device=anchors.device)
     return route_scores(scores, thresholds, experts, anchors.shape[0], top_k, temperature)
+
+
+def anchor_scores(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Tensor,
+                  vectors: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Eager cosine score of every anchor: [B*T, M] for token routing, [B, M] for sequence
+    routing (mean pooling: of the pooled query; max pooling: of the best-matching prompt token).
+    ``vectors`` [B, T, d] are the per-token query sources, ``mask`` [B, T] the prompt (or None)."""
+    if config.routing == "token":
+        return encoder(vectors.reshape(-1, vectors.shape[-1])) @ anchors.T
+    if config.query_pooling == "mean":
+        return encoder(masked_mean(vectors, mask)) @ anchors.T
+    scores = encoder(vectors) @ anchors.T                                     # [B, T, M]
+    if mask is not None:
+        scores = scores.masked_fill(mask.unsqueeze(-1) == 0, float("-inf"))
+    return scores.max(dim=1).values
+
+
+def route_eager(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Tensor,
+                anchor_expert: torch.Tensor, thresholds: torch.Tensor, num_experts: int,
+                vectors: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: ``route_scores(anchor_scores(...))``. ``thresholds`` are the gate's
+    (-inf everywhere when the gate is off)."""
+    return route_scores(anchor_scores(config, encoder, anchors, vectors, mask), thresholds, anchor_expert,
+                        num_experts, config.top_k, config.temperature)
+
+
+def expert_starts(anchor_expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int32 [E + 1]: expert e owns anchor rows [start[e], start[e + 1]) (anchors are stored in
+    expert order). Device ops only, no host synchronisation."""
+    bounds = torch.arange(num_experts + 1, device=anchor_expert.device, dtype=anchor_expert.dtype)
+    return torch.searchsorted(anchor_expert.contiguous(), bounds, out_int32=True)
+
+
+def route_kernels(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Tensor,
+                  anchor_expert: torch.Tensor, thresholds: torch.Tensor, num_experts: int,
+                  vectors: torch.Tensor, mask: Optional[torch.Tensor],
+                  expert_start: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``route_eager``'s contract through the Triton kernels (queries are encoded eagerly).
+
+    One anchor per expert and one query per row (token routing, mean pooling): the fused
+    ``anchor_route`` (one launch). Otherwise (max pooling over the prompt's tokens - the
+    default - or several anchors per expert): ``pooled_route`` (two launches)."""
+    from .kernels import anchor_route, pooled_route
+    thresholds = thresholds.float().contiguous()
+    anchors = anchors.contiguous()
+    if config.routing == "token" or config.query_pooling == "mean":
+        rows = (vectors.reshape(-1, vectors.shape[-1]) if config.routing == "token"
+                else masked_mean(vectors, mask))
+        queries = encoder(rows).contiguous()
+        # every expert has >= 1 anchor, so equal counts mean anchor i is expert i's only one
+        if anchors.shape[0] == num_experts:
+            return anchor_route(queries, anchors, thresholds, config.top_k, config.temperature)
+        queries, mask = queries.unsqueeze(1), None
+    else:
+        queries = encoder(vectors).contiguous()                           # [B, T, key_dim]
+    if expert_start is None:
+        expert_start = expert_starts(anchor_expert, num_experts)
+    return pooled_route(queries, mask, anchors, expert_start, thresholds, config.top_k, config.temperature)
+
+
+def route(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Tensor, anchor_expert: torch.Tensor,
+          thresholds: torch.Tensor, num_experts: int, vectors: torch.Tensor, mask: Optional[torch.Tensor],
+          use_kernels: bool = False, expert_start: Optional[torch.Tensor] = None):
+    """Expert ids (int32) and weights (fp32), [rows, top_k]: rows = B*T for token routing, B
+    for sequence routing. ``use_kernels``: the Triton path (CUDA, or the CPU interpreter)."""
+    if use_kernels:
+        return route_kernels(config, encoder, anchors, anchor_expert, thresholds, num_experts,
+                             vectors, mask, expert_start)
+    return route_eager(config, encoder, anchors, anchor_expert, thresholds, num_experts, vectors, mask)

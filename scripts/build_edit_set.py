@@ -29,6 +29,16 @@ How it works
    the scored ``loc`` questions are drawn only from the rest, so the pool and the scored
    set share no fact and no prompt (DESIGN.md "No leak").
 5. The edit list is shuffled (arrival order mixes relations) with a fixed seed.
+6. Same-subject specificity: each edit gets up to ``SPEC_PER_EDIT`` prompts about OTHER relations
+   of its subject (``specificity``, ``specificity_ans``: the true value from countryinfo,
+   ``specificity_relation``), written with ``SPEC_TEMPLATES``, a template bank used for nothing
+   else: no specificity prompt is ever an edit prompt, a paraphrase, a locality prompt or an
+   unrelated-pool prompt (the editor trains only on ``src``/``alt``; ``TEMPLATES`` stays free for
+   training-side negatives). The other relations are taken in order of their own edit's stream
+   position, latest first, so that a prompt stays scoreable for as long a prefix of the stream as
+   possible (``evaluate`` skips a specificity prompt whose (subject, relation) is itself edited in
+   the evaluated stream). Steps 1-5 draw from the same random stream as before this field
+   existed, so every earlier field of every record is unchanged; step 6 has its own seed.
 
 Run: ``python scripts/build_edit_set.py`` (needs ``countryinfo`` and ``periodictable``;
 only this script needs them, the engine reads the shipped files). Same output every run.
@@ -149,6 +159,20 @@ TEMPLATES = {
     ],
 }
 
+# Same-subject specificity prompts only (disjoint from TEMPLATES, so never an edit prompt).
+SPEC_TEMPLATES = {
+    "capital": ["Which city is the national capital of {s}?", "Name the capital of {s}."],
+    "currency": ["What currency does {s} use?", "Name the currency of {s}."],
+    "language": ["What language do the people of {s} officially speak?",
+                 "Name the official language of {s}."],
+    "continent": ["Which continent is home to {s}?", "Name the continent where {s} lies."],
+    "demonym": ["What are people from {s} called?", "Name the demonym for {s}."],
+    "calling_code": ["What is the dialing code for {s}?", "Name the international phone code of {s}."],
+    "tld": ["What is the top-level domain of {s}?", "Name the internet domain suffix of {s}."],
+}
+SPEC_SEED = SEED + 1
+SPEC_PER_EDIT = 2
+
 
 def short(value: str) -> bool:
     return len(value) <= 14 and len(value.split()) <= 2
@@ -257,6 +281,35 @@ def build_edits(rng: random.Random) -> list[dict]:
     return edits
 
 
+def true_value_text(relation: str, values: set[str]) -> str:
+    """The real value as an answer text (used for teacher-forced specificity positions)."""
+    value = sorted(values)[0]
+    if relation == "currency":
+        return CURRENCIES.get(value, value)
+    if relation == "language":
+        return LANGUAGES.get(value, value)
+    if relation == "calling_code":
+        return "+" + value
+    return value
+
+
+def add_specificity(edits: list[dict], rng: random.Random) -> None:
+    """Same-subject prompts about other relations (see the module docstring, step 6)."""
+    subjects = {s["subject"]: s for s in load_subjects()}
+    position = {(e["subject"], e["relation"]): i for i, e in enumerate(edits)}
+    for e in edits:
+        s = subjects[e["subject"]]
+        others = [r for r in sorted(s["facts"]) if r != e["relation"]]
+        others.sort(key=lambda r: -position.get((e["subject"], r), len(edits)))
+        chosen = others[:SPEC_PER_EDIT]
+        fill = dict(s=s["mention"], S=s["mention"][0].upper() + s["mention"][1:])
+        e["specificity"] = [rng.choice(SPEC_TEMPLATES[r]).format(**fill) for r in chosen]
+        e["specificity_ans"] = [true_value_text(r, s["facts"][r]) for r in chosen]
+        e["specificity_relation"] = chosen
+    spec = {p for e in edits for p in e["specificity"]}
+    assert not spec & {e[k] for e in edits for k in ("src", "rephrase", "loc")}
+
+
 # ---------------------------------------------------------------- unrelated facts
 def element_facts() -> list[tuple[str, str]]:
     facts = []
@@ -347,7 +400,9 @@ def main() -> None:
     loc, pool = split_unrelated(rng, len(edits))
     for edit, (q, a) in zip(edits, loc):
         edit["loc"], edit["loc_ans"] = q, a
-    keys = ("subject", "relation", "src", "alt", "rephrase", "loc", "loc_ans")
+    add_specificity(edits, random.Random(SPEC_SEED))
+    keys = ("subject", "relation", "src", "alt", "rephrase", "loc", "loc_ans",
+            "specificity", "specificity_ans", "specificity_relation")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with open(args.out_dir / "country_edits.jsonl", "w", encoding="utf-8") as f:
         for e in edits:
@@ -357,7 +412,10 @@ def main() -> None:
     counts: dict[str, int] = {}
     for e in edits:
         counts[e["relation"]] = counts.get(e["relation"], 0) + 1
-    print(f"{len(edits)} edits {counts}; {len(pool)} unrelated pool prompts -> {args.out_dir}")
+    assert not {p for e in edits for p in e["specificity"]} & set(pool)
+    n_spec = sum(len(e["specificity"]) for e in edits)
+    print(f"{len(edits)} edits {counts}; {n_spec} specificity prompts; "
+          f"{len(pool)} unrelated pool prompts -> {args.out_dir}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_triton_logits_and_greedy_tokens_match_eager(pooling, top_k):
     with torch.no_grad():
         reference = eager(input_ids=ids, attention_mask=mask).logits.double()
         calls = {"n": 0}
-        import kernels
+        import lemoe_engine.kernels as kernels
         original = kernels.grouped_expert_ffn
 
         def counting(*args, **kwargs):
@@ -51,9 +51,23 @@ def test_triton_logits_and_greedy_tokens_match_eager(pooling, top_k):
         unedited = base(input_ids=ids, attention_mask=mask).logits.double()
     assert (reference - unedited).abs().max() > 1e-4, "the experts must change the logits"
     assert ((got - reference).norm() / reference.norm()) < 1e-5
-    generate = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    generate = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                    output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
-        assert torch.equal(eager.generate(**generate), triton.generate(**generate))
+        want, have = eager.generate(**generate), triton.generate(**generate)
+    # the same greedy tokens, except after a near-tie of the eager logits: the backends sum in
+    # different orders, so floats from the two are never assumed bit-equal
+    new_want = want.sequences[:, ids.shape[1]:]
+    new_have = have.sequences[:, ids.shape[1]:]
+    for row in range(ids.shape[0]):
+        differ = (new_want[row] != new_have[row]).nonzero()
+        last = int(differ[0]) if len(differ) else new_want.shape[1]
+        for step in range(min(last + 1, new_want.shape[1])):
+            a, b = want.logits[step][row].double(), have.logits[step][row].double()
+            assert ((a - b).norm() / a.norm()) < 1e-5
+        if len(differ):
+            top2 = want.logits[last][row].topk(2).values
+            assert float(top2[0] - top2[1]) < 1e-3, "the backends chose different tokens without a near-tie"
 
 
 def test_auto_backend_is_eager_on_cpu_and_training_stays_eager():

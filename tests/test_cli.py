@@ -46,7 +46,8 @@ def test_edit_eval_generate_round_trip(workspace, capsys):
     lines = out.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert set(result) == {"reliability", "generality", "locality", "n_edits"} and result["n_edits"] == 4
+    assert set(result) == {"reliability", "generality", "locality", "n_edits", "specificity", "n_specificity",
+                           "leak_rate", "mode", "chat"} and result["n_edits"] == 4
     assert 0 <= result["reliability"] <= 1 and result["locality"] <= 1
     code, out, err = run(capsys, "generate", "--model", workspace["model"], "--adaptor", adaptor,
                          "--prompt", "What is the capital city of France?", "--max-new-tokens", "3")

@@ -162,8 +162,8 @@ def test_empty_target(tmp_path, rng, target):
     write_jsonl(tmp_path / "edits.jsonl", recs)
     with pytest.raises(EditDataError) as info:
         load_edits(tmp_path / "edits.jsonl")
-    assert str(info.value).endswith(
-        "edits.jsonl: record 7 (line 7): field 'alt' must be a non-empty string")
+    assert "edits.jsonl: record 7 (line 7): field 'alt' must be a non-empty string" in str(info.value)
+    assert "--skip-invalid" in str(info.value)
 
 
 @pytest.mark.parametrize("key,value", [("alt", 3), ("src", None), ("loc", ["a"]),

@@ -1,8 +1,8 @@
-"""Triton kernels (kernels.anchor_route, kernels.grouped_expert_ffn) against float64 references
+"""Triton kernels (lemoe_engine.kernels: anchor_route, grouped_expert_ffn) against float64 references
 written here, independent of lemoe_engine's eager references.
 
 On a machine without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 is
-set before ``kernels`` is imported: by tests/conftest.py, and again below for running this
+set before ``lemoe_engine.kernels`` is imported: by tests/conftest.py, and again below for running this
 file alone). Cases marked ``gpu`` need CUDA: compiled kernels, native bf16 dots, larger
 shapes, CUDA-graph capture.
 
@@ -14,7 +14,9 @@ Tolerances (relative error ||got - ref|| / ||ref|| against float64 on the same r
 Routing ids are compared exactly on rows whose float64 scores have no near-tie (gap > 1e-5
 between the sorted scores that decide the choice, and from each chosen expert's threshold);
 random continuous inputs make such rows rare, and the tests assert that almost all rows are
-checked. Exact ties are tested separately with duplicated anchors.
+checked. Exact ties are tested separately with integer-valued vectors (exact dot products in
+fp32 in any order): no test assumes that floats computed in different blocks or places are
+bit-equal.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import anchor_route, grouped_expert_ffn  # noqa: E402
+from lemoe_engine.kernels import anchor_route, grouped_expert_ffn  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -283,20 +285,39 @@ def test_route_many_experts_running_top_k():
 
 
 def test_route_ties_go_to_lower_id():
-    """Exact duplicate anchors score identically: the lower id must come first, also when
-    the duplicates sit in different anchor blocks."""
+    """Exactly tied scores go to the lower id, also across anchor blocks (the interpreter's
+    BLOCK_E is 512, a GPU's 64). Ties are exact by construction: queries and anchors hold small
+    integers, so every dot product is an integer below 2^24, exact in fp32 in any summation
+    order, on any CPU or GPU. Duplicated *random* anchors are no tie: their fp32 scores depend
+    on the block and the machine's reduction order."""
     g = gen(6001)
     S, E, D, top_k = 6, 1200, 32, 3
-    q, a = unit(S, D, g), unit(E, D, g)
-    a[1100] = q[0]
-    a[900] = q[0]
-    a[5] = q[0]
-    a[60] = q[1]
-    a[17] = q[1]
+    q = torch.randint(-3, 4, (S, D), generator=g).float()
+    a = torch.randint(-1, 2, (E, D), generator=g).float()   # |a . q_s| <= sum|q_s| < ||q_s||^2
+    q[:, 0] = 4.0                                             # no zero query, ||q_s||^2 > sum|q_s|
+    for e in (1100, 900, 5):
+        a[e] = q[0]                                           # a three-way tie at the top
+    for e in (60, 17):
+        a[e] = q[1]
+    a[1000] = q[2]
+    a[250] = q[2]
+    a[700] = q[2]
+    a[3] = q[2]                                               # four-way: only the 3 lowest ids
+    q, a = q.to(DEV), a.to(DEV)
     thr = torch.full((E,), -math.inf, device=DEV)
-    ids, _ = anchor_route(q, a, thr, top_k, 1.0)
+    ids = torch.full((S, top_k), 12345, dtype=torch.int32, device=DEV)
+    w = torch.full((S, top_k), float("nan"), device=DEV)
+    anchor_route(q, a, thr, top_k, 4.0, out_ids=ids, out_weights=w)
+    scores = q.double().cpu() @ a.double().cpu().T
+    assert torch.equal(scores, scores.round()) and scores.abs().max() < 2 ** 24
     assert ids[0].tolist() == [5, 900, 1100]
     assert ids[1, :2].tolist() == [17, 60]
+    assert ids[2].tolist() == [3, 250, 700]
+    # every row, ties included, against float64 with a stable sort (exact: integer scores)
+    rid, rw, _ = route_ref64(q, a, thr, top_k, 4.0)
+    assert torch.equal(ids.cpu().long(), rid)
+    assert rel_err(w, rw) < 1e-5
+    assert torch.allclose(w[0].double().cpu(), torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-6)
 
 
 def test_route_large_s_small_d():
@@ -373,6 +394,163 @@ def test_route_errors():
         anchor_route(q, a, thr, 2, 1.0, out_weights=torch.empty(4, 2, dtype=torch.float16, device=DEV))
 
 
+# --------------------------------------------------------------------------- pooled routing
+def experts_of(counts):
+    """anchor_expert (int32 [M], expert order) and expert_start (int32 [E+1]) for anchor counts."""
+    counts = torch.as_tensor(counts)
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts).to(torch.int32)
+    start = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    start[1:] = torch.cumsum(counts, 0)
+    return owner.to(DEV), start.to(DEV)
+
+
+def pooled_ref64(q3, mask, a, owner, thr, E, top_k, temperature):
+    """float64 default routing: masked max over tokens, gate per anchor, per-expert max over
+    its anchors, top-k (ties to the lower id), softmax. Returns ids, weights, clear rows."""
+    s = torch.einsum("btd,md->btm", q3.double().cpu(), a.double().cpu())
+    if mask is not None:
+        s = s.masked_fill(mask.cpu()[:, :, None] == 0, -math.inf)
+    nan = torch.isnan(s).any(1)
+    pooled = s.max(1).values
+    pooled = torch.where(nan, torch.full_like(pooled, math.nan), pooled)
+    thr64 = thr.double().cpu()
+    near_thr = (torch.isfinite(pooled) & ((pooled - thr64).abs() < MARGIN)).any(1)
+    passed = torch.isfinite(pooled) & (pooled >= thr64)
+    pooled = torch.where(passed, pooled, torch.full_like(pooled, -math.inf))
+    per = torch.full((s.shape[0], E), -math.inf, dtype=torch.float64)
+    per = per.scatter_reduce(1, owner.long().cpu()[None].expand(s.shape[0], -1), pooled, "amax")
+    order = torch.sort(per, dim=1, descending=True, stable=True)
+    k = min(top_k, E)
+    top_s, top_i = order.values[:, :k], order.indices[:, :k]
+    chosen = torch.isfinite(top_s)
+    logits = torch.where(chosen, top_s / temperature, torch.full_like(top_s, -1e300))
+    probs = torch.where(chosen, torch.softmax(logits, 1), torch.zeros_like(logits))
+    ids = torch.full((s.shape[0], top_k), -1, dtype=torch.int64)
+    weights = torch.zeros((s.shape[0], top_k), dtype=torch.float64)
+    ids[:, :k] = torch.where(chosen, top_i, torch.full_like(top_i, -1))
+    weights[:, :k] = probs
+    decide = order.values[:, :min(k + 1, E)]
+    fin = torch.isfinite(decide[:, :-1]) & torch.isfinite(decide[:, 1:])
+    clear = ~(fin & ((decide[:, :-1] - decide[:, 1:]).abs() < MARGIN)).any(1) & ~near_thr
+    return ids, weights, clear
+
+
+def check_pooled(q3, mask, a, counts, thr, top_k, temperature, min_clear=0.8):
+    """pooled_route (poisoned outputs) against float64 and against the eager layer path."""
+    from lemoe_engine.kernels import pooled_route
+    from lemoe_engine.routing import route_scores
+    owner, start = experts_of(counts)
+    E = len(counts)
+    B = q3.shape[0]
+    ids = torch.full((B, top_k), 12345, dtype=torch.int32, device=DEV)
+    w = torch.full((B, top_k), float("nan"), device=DEV)
+    got_ids, got_w = pooled_route(q3, mask, a, start, thr, top_k, temperature, out_ids=ids, out_weights=w)
+    assert got_ids is ids and got_w is w
+    assert ((ids >= -1) & (ids < E)).all() and torch.isfinite(w).all()
+    rid, rw, clear = pooled_ref64(q3, mask, a, owner, thr, E, top_k, temperature)
+    assert clear.float().mean() >= min_clear, "too many near-ties: the case checks too little"
+    assert torch.equal(ids.cpu().long()[clear], rid[clear])
+    if clear.any() and rw[clear].abs().sum() > 0:
+        assert (w.double().cpu()[clear] - rw[clear]).abs().max() < 1e-5
+    # the eager path the layer uses on CPU (fp32, masked max, route_scores)
+    scores = q3.float() @ a.float().T
+    if mask is not None:
+        scores = scores.masked_fill(mask[:, :, None] == 0, float("-inf"))
+    eid, ew = route_scores(scores.max(1).values, thr, owner, E, top_k, temperature)
+    assert torch.equal(ids[clear.to(ids.device)], eid[clear.to(ids.device)])
+    assert (w[clear.to(w.device)] - ew[clear.to(w.device)]).abs().max() < 1e-5 if clear.any() else True
+    return ids, w, rid, clear
+
+
+def _unit3(B, T, D, g):
+    v = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    return (v / v.norm(dim=-1, keepdim=True)).float().to(DEV)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("B,T,D,E,max_anchors,top_k", [
+    (3, 11, 40, 7, 3, 2),          # several anchors per expert, a few tokens
+    (2, 150, 72, 30, 4, 4),        # more tokens than one token block (interpreter: 128)
+    (4, 5, 24, 600, 2, 3),         # anchors and experts span several blocks (interpreter: 512)
+    (2, 9, 16, 1, 3, 1),           # one expert
+    (3, 6, 32, 3, 1, 4),           # top_k > E, one anchor each
+])
+def test_pooled_route_matches_float64_and_eager(B, T, D, E, max_anchors, top_k):
+    g = gen(23_001 + B * 100 + T + E)
+    counts = torch.randint(1, max_anchors + 1, (E,), generator=g)
+    M = int(counts.sum())
+    q3, a = _unit3(B, T, D, g), unit(M, D, g)
+    mask = (torch.rand(B, T, generator=g) < 0.7).long().to(DEV)
+    mask[:, 0] = 1
+    thr = torch.full((M,), -math.inf, device=DEV)
+    temperature = float(torch.empty(1).uniform_(0.05, 1.0, generator=g))
+    ids, w, rid, clear = check_pooled(q3, mask, a, counts, thr, top_k, temperature)
+    assert (ids[:, :min(top_k, E)] >= 0).all()       # no gate: every slot up to E routed
+    assert (ids[:, E:] == -1).all() and (w[:, E:] == 0).all()
+    torch.testing.assert_close(w.double().cpu().sum(1), torch.ones(B, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_pooled_route_gate_empty_prompts_and_strided_masks():
+    """Gated anchors, a sequence with an empty prompt mask (no expert), a mask that is a
+    strided slice of a wider attention mask, and a bool mask give the same routes."""
+    g = gen(23_101)
+    B, T, D, E = 6, 13, 48, 9
+    counts = torch.randint(1, 4, (E,), generator=g)
+    M = int(counts.sum())
+    q3, a = _unit3(B, T, D, g), unit(M, D, g)
+    owner, _ = experts_of(counts)
+    for e, s in ((2, 0), (5, 1)):                    # plant strong matches so some rows pass
+        a[int((owner == e).nonzero()[0])] = q3[s, 3]
+    wide = (torch.rand(B, T + 4, generator=g) < 0.8).long().to(DEV)
+    wide[1, 4:] = 0                                   # an empty prompt
+    mask = wide[:, 4:]                                # strided rows
+    assert not mask.is_contiguous()
+    thr = (torch.rand(M, generator=g) * 0.5).to(DEV)
+    ids, w, rid, clear = check_pooled(q3, mask, a, counts, thr, 3, 0.2)
+    assert (ids[1] == -1).all() and (w[1] == 0).all(), "an empty prompt routes nowhere"
+    assert (rid == -1).any() and (rid[:, 0] >= 0).any(), "the case must mix gated and routed slots"
+    ids_b, w_b, _, _ = check_pooled(q3, mask.bool(), a, counts, thr, 3, 0.2)
+    assert torch.equal(ids_b, ids) and torch.equal(w_b, w)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_pooled_route_nan_tokens():
+    """A NaN score among a prompt's tokens gates that anchor (as the eager max does); a NaN in
+    a masked-out token is ignored."""
+    g = gen(23_201)
+    B, T, D, E = 3, 7, 16, 5
+    counts = [2, 1, 3, 1, 2]
+    M = sum(counts)
+    q3, a = _unit3(B, T, D, g), unit(M, D, g)
+    q3[0, 2, 5] = float("nan")                 # every anchor scores NaN for token 2 of row 0
+    q3[1, 6, :] = float("nan")                 # ... row 1, token 6: masked out
+    mask = torch.ones(B, T, dtype=torch.long, device=DEV)
+    mask[1, 6] = 0
+    thr = torch.full((M,), -math.inf, device=DEV)
+    ids, w, rid, clear = check_pooled(q3, mask, a, counts, thr, 2, 0.5, min_clear=0.6)
+    assert (ids[0] == -1).all() and (w[0] == 0).all()
+    assert (ids[1] >= 0).all()
+
+
+def test_pooled_route_errors():
+    from lemoe_engine.kernels import pooled_route
+    g = gen(23_301)
+    q3, a = _unit3(2, 3, 8, g), unit(4, 8, g)
+    _, start = experts_of([2, 2])
+    thr = torch.zeros(4, device=DEV)
+    with pytest.raises(ValueError, match="mask must be"):
+        pooled_route(q3, torch.ones(2, 4, device=DEV), a, start, thr, 1, 1.0)
+    with pytest.raises(TypeError, match="expert_start has dtype int64"):
+        pooled_route(q3, None, a, start.long(), thr, 1, 1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        pooled_route(q3, None, a, start, thr, 5, 1.0)
+    with pytest.raises(ValueError, match="thresholds"):
+        pooled_route(q3, None, a, start, thr[:3].contiguous(), 1, 1.0)
+    with pytest.raises(ValueError, match="3-D"):
+        pooled_route(q3[0], None, a, start, thr, 1, 1.0)
+
+
 # --------------------------------------------------------------------------- grouped FFN
 @pytest.mark.parametrize("gated,activation,top_k", [
     (True, "silu", 1), (False, "gelu", 1), (True, "gelu", 2), (False, "relu", 3), (True, "relu", 4),
@@ -386,6 +564,29 @@ def test_ffn_matches_float64(gated, activation, top_k):
     w_up, w_gate, w_down = make_experts(E, d, H, gated, g)
     out = torch.randn(N, d, generator=g).to(DEV)
     check_ffn(x, ids, weights, w_up, w_gate, w_down, activation, out, scale=0.8)
+
+
+@pytest.mark.parametrize("gated,activation,top_k,split", [(True, "silu", 1, 3), (False, "gelu", 2, 2),
+                                                         (True, "relu", 3, 4)])
+def test_ffn_split_k_matches_float64(monkeypatch, gated, activation, top_k, split):
+    """The decode path that splits the up projection over K (fp32 partial sums, added in a fixed
+    order by the down kernel, then the activation) gives the float64 result, and the same
+    result twice (deterministic: no atomics)."""
+    import importlib
+    ffn_module = importlib.import_module("lemoe_engine.kernels.grouped_ffn")
+    monkeypatch.setattr(ffn_module, "_SPLIT_K_OVERRIDE", split)
+    g = gen(24_001 + split * 10 + top_k)
+    N, d, H, E = 9, 600, 72, 4          # interpreter BLOCK_K 256: 3 K steps, split into `split`
+    x = torch.randn(N, d, generator=g).to(DEV)
+    ids = random_ids(N, top_k, E, g, p_gated=0.2)
+    weights = torch.rand(N, top_k, generator=g).to(DEV)
+    w_up, w_gate, w_down = make_experts(E, d, H, gated, g)
+    assert ffn_module.ffn_config(N * top_k, d, H, torch.float32, x.device, True)["SPLIT_K"] == min(split, 3)
+    out = torch.randn(N, d, generator=g).to(DEV)
+    again = out.clone()
+    check_ffn(x, ids, weights, w_up, w_gate, w_down, activation, out, scale=0.9)
+    grouped_expert_ffn(x, ids, weights, w_up, w_gate, w_down, activation, again, 0.9)
+    assert torch.equal(out, again)
 
 
 def test_ffn_one_token():
@@ -552,8 +753,8 @@ def test_ffn_errors():
 def test_cpu_tensors_need_interpreter(monkeypatch):
     import importlib
 
-    import kernels._common as common
-    route_module = importlib.import_module("kernels.anchor_route")
+    import lemoe_engine.kernels._common as common
+    route_module = importlib.import_module("lemoe_engine.kernels.anchor_route")
     monkeypatch.setattr(route_module, "is_interpreted", lambda kernel: False)
     g = gen(19_101)
     with pytest.raises(ValueError, match="need CUDA tensors"):
@@ -564,7 +765,7 @@ def test_cpu_tensors_need_interpreter(monkeypatch):
 def test_align_rows_layout_and_grid_bound():
     """The sorted layout covers every valid slot exactly once, blocks never straddle experts,
     and the used blocks never exceed the shape-only grid bound."""
-    from kernels.grouped_ffn import align_rows, max_row_blocks
+    from lemoe_engine.kernels.grouped_ffn import align_rows, max_row_blocks
     g = gen(19_201)
     cases = [(1, 1, 1, 16), (5, 3, 2, 16), (200, 2, 7, 64), (37, 4, 1000, 16), (64, 1, 1, 64), (300, 1, 3, 64)]
     for N, k, E, bm in cases:
@@ -594,6 +795,65 @@ def test_align_rows_layout_and_grid_bound():
         assert sorted(seen) == valid.nonzero().flatten().tolist()
 
 
+@pytest.mark.parametrize("gated,activation,H", [(True, "silu", 24), (False, "gelu", 20), (True, "relu", 33)])
+def test_padded_expert_hidden_is_exact(gated, activation, H):
+    """H not a multiple of 16 is zero-padded for the kernels: same result as the float64
+    reference of the unpadded experts (zero columns/rows are exact for silu, gelu, relu)."""
+    from lemoe_engine.kernels import pad_expert_hidden
+    g = gen(19_401 + H)
+    N, d, E, k = 30, 40, 4, 2
+    x = torch.randn(N, d, generator=g).to(DEV)
+    ids = random_ids(N, k, E, g, p_gated=0.2)
+    weights = torch.rand(N, k, generator=g).to(DEV)
+    w_up, w_gate, w_down = make_experts(E, d, H, gated, g)
+    pu, pg, pd = pad_expert_hidden(w_up, w_gate, w_down)
+    assert pu.shape[2] % 16 == 0 and pu.shape[2] >= H and pd.shape[1] == pu.shape[2]
+    assert torch.equal(pu[:, :, :H], w_up) and (pu[:, :, H:] == 0).all() and (pd[:, H:] == 0).all()
+    assert pad_expert_hidden(pu, pg, pd)[0] is pu      # already padded: no copy
+    out = torch.randn(N, d, generator=g).to(DEV)
+    before = out.clone()
+    grouped_expert_ffn(x, ids, weights, pu, pg, pd, activation, out, 0.7)
+    ref = ffn_delta_ref64(x, ids, weights, w_up, w_gate, w_down, activation, 0.7)
+    assert rel_err(out.double().cpu() - before.double().cpu(), ref) < 1e-5
+
+
+def test_every_launch_runs_under_the_tensors_device_guard(monkeypatch):
+    """Launches go to the tensors' device (not the current CUDA device): each wrapper enters
+    ``device_guard(device)`` around all its launches."""
+    import contextlib
+    import importlib
+
+    from launch_count import count_launches
+    from lemoe_engine.kernels._common import device_guard
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+    active = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    for name in ("anchor_route", "grouped_ffn"):
+        monkeypatch.setattr(importlib.import_module(f"lemoe_engine.kernels.{name}"), "device_guard", recording)
+    outside = []
+    g = gen(19_501)
+    q, a = unit(5, 16, g), unit(7, 16, g)
+    x = torch.randn(5, 24, generator=g).to(DEV)
+    w_up, w_gate, w_down = make_experts(7, 24, 32, True, g)
+    with count_launches(lambda name: outside.append(name) if not active or active[-1] != q.device else None) as log:
+        ids, w = anchor_route(q, a, torch.full((7,), -math.inf, device=DEV), 2, 0.5)
+        grouped_expert_ffn(x, ids, w, w_up, w_gate, w_down, "silu", torch.randn(5, 24, generator=g).to(DEV))
+    launched = [n for n in log if n.startswith("triton.")]
+    assert len(launched) == 4, launched   # route, up, down, combine
+    assert outside == [], f"launched outside the device guard: {outside}"
+
+
 # --------------------------------------------------------------------------- GPU only
 @gpu
 @needs_cuda
@@ -610,6 +870,28 @@ def test_gpu_rejects_cpu_and_mixed_devices():
     with pytest.raises(ValueError, match="one device"):
         grouped_expert_ffn(q.cpu(), ids, torch.ones(3, 1, device=DEV), w_up, w_gate, w_down, "silu",
                            torch.zeros(3, 8, device=DEV))
+
+
+@gpu
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_second_device_while_current_is_first():
+    """Tensors on cuda:1 while cuda:0 is current (device_map="auto"): correct results."""
+    g = gen(19_601)
+    dev = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    q = unit(9, 32, g).to(dev)
+    a = unit(6, 32, g).to(dev)
+    thr = torch.full((6,), -math.inf, device=dev)
+    ids, w = anchor_route(q, a, thr, 2, 0.5)
+    rid, rw, clear = route_ref64(q, a, thr, 2, 0.5)
+    assert torch.equal(ids.cpu().long()[clear], rid[clear])
+    x = torch.randn(9, 64, generator=g).to(dev)
+    w_up, w_gate, w_down = (t.to(dev) for t in make_experts(6, 64, 64, True, g))
+    out = torch.randn(9, 64, generator=g).to(dev)
+    before = out.clone()
+    grouped_expert_ffn(x, ids, w, w_up, w_gate, w_down, "silu", out)
+    ref = ffn_delta_ref64(x, ids, w, w_up, w_gate, w_down, "silu", 1.0)
+    assert rel_err(out.double().cpu() - before.double().cpu(), ref) < 1e-5
 
 
 @gpu

@@ -87,7 +87,11 @@ def test_kv_cache_decode_uses_the_prompt_route_like_a_full_forward(family, pooli
         full = model(input_ids=sequences, attention_mask=full_mask, position_ids=positions).logits
     reference = full[:, prompts.shape[1] - 1:-1]
     assert torch.allclose(step_logits, reference, atol=1e-4, rtol=1e-4)
-    assert torch.equal(step_logits.argmax(-1), reference.argmax(-1))
+    # greedy choices agree, except where the reference's two best logits are a near-tie (the two
+    # are computed in different orders: a cached step vs a full forward)
+    top2 = reference.topk(2, dim=-1).values
+    differ = step_logits.argmax(-1) != reference.argmax(-1)
+    assert ((top2[..., 0] - top2[..., 1])[differ] < 1e-3).all()
     # the test can fail: routing each full sequence by all its tokens gives other logits
     with torch.no_grad():
         unmasked = model(input_ids=sequences, attention_mask=full_mask, position_ids=positions).logits

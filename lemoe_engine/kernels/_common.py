@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,3 +45,15 @@ def check_devices(named: dict, interpreted: bool) -> torch.device:
         raise ValueError(f"Triton kernels need CUDA tensors, got tensors on {device} "
                          "(set TRITON_INTERPRET=1 before importing kernels to run them on CPU)")
     return device
+
+
+def device_guard(device: torch.device):
+    """Launch on ``device``, not on the current CUDA device.
+
+    Triton launches on ``torch.cuda.current_device()`` (and its current stream); with a model
+    spread over several GPUs (``device_map="auto"``) that is often not the device of the
+    tensors, and the kernel would read another GPU's addresses. Every wrapper enters this
+    guard around its launches; on the CPU (interpreter) it does nothing."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_devices, check_tensor, is_interpreted
+from ._common import FLOAT_DTYPES, check_devices, check_tensor, device_guard, is_interpreted
 
 MAX_TOP_K = 4
 
@@ -53,6 +53,65 @@ def _insert_step(v, i, cv, ci):
 
 
 @triton.jit
+def _merge_tile(s, cols, v0, i0, v1, i1, v2, i2, v3, i3, K: tl.constexpr):
+    """Merge the best ``K`` candidates of a score tile ``s`` [rows, C] (column ids ``cols``,
+    -inf = not a candidate) into the running top-k lists (v*, i*) of each row."""
+    NEG_INF: tl.constexpr = float("-inf")
+    BIG: tl.constexpr = 2147483647
+    for _t in tl.static_range(K):
+        m = tl.max(s, axis=1)
+        mi = tl.min(tl.where(s == m[:, None], cols[None, :], BIG), axis=1)
+        s = tl.where(cols[None, :] == mi[:, None], NEG_INF, s)
+        v0, i0, m, mi = _insert_step(v0, i0, m, mi)
+        if K > 1:
+            v1, i1, m, mi = _insert_step(v1, i1, m, mi)
+        if K > 2:
+            v2, i2, m, mi = _insert_step(v2, i2, m, mi)
+        if K > 3:
+            v3, i3, m, mi = _insert_step(v3, i3, m, mi)
+    return v0, i0, v1, i1, v2, i2, v3, i3
+
+
+@triton.jit
+def _store_topk(ids_ptr, w_ptr, rows64, row_mask, temperature, v0, i0, v1, i1, v2, i2, v3, i3,
+                K: tl.constexpr):
+    """Renormalised softmax over the chosen slots (v0 is the largest) and the store of every
+    slot (empty slots: id -1, weight 0)."""
+    ok0 = i0 >= 0
+    ok1 = i1 >= 0
+    ok2 = i2 >= 0
+    ok3 = i3 >= 0
+    top = tl.where(ok0, v0 / temperature, 0.0)     # no -inf - -inf (NaN) for an empty row
+    e0_ = tl.where(ok0, tl.exp(v0 / temperature - top), 0.0)
+    total = e0_
+    if K > 1:
+        e1_ = tl.where(ok1, tl.exp(v1 / temperature - top), 0.0)
+        total += e1_
+    if K > 2:
+        e2_ = tl.where(ok2, tl.exp(v2 / temperature - top), 0.0)
+        total += e2_
+    if K > 3:
+        e3_ = tl.where(ok3, tl.exp(v3 / temperature - top), 0.0)
+        total += e3_
+    total = tl.where(total > 0.0, total, 1.0)
+    out_base = rows64 * K
+    tl.store(ids_ptr + out_base, i0, mask=row_mask)
+    tl.store(w_ptr + out_base, tl.where(ok0, e0_ / total, 0.0), mask=row_mask)
+    if K > 1:
+        tl.store(ids_ptr + out_base + 1, i1, mask=row_mask)
+        tl.store(w_ptr + out_base + 1, tl.where(ok1, e1_ / total, 0.0), mask=row_mask)
+    if K > 2:
+        tl.store(ids_ptr + out_base + 2, i2, mask=row_mask)
+        tl.store(w_ptr + out_base + 2, tl.where(ok2, e2_ / total, 0.0), mask=row_mask)
+    if K > 3:
+        tl.store(ids_ptr + out_base + 3, i3, mask=row_mask)
+        tl.store(w_ptr + out_base + 3, tl.where(ok3, e3_ / total, 0.0), mask=row_mask)
+
+
+# S and E change while serving (batch size, a new expert): not value-specialised (Triton
+# specialises int arguments on ``== 1`` and ``% 16``), so they never trigger a recompile,
+# e.g. inside a CUDA-graph capture. D (the model's width) stays specialised.
+@triton.jit(do_not_specialize=["S", "E"])
 def _anchor_route_kernel(
     q_ptr, a_ptr, thr_ptr, ids_ptr, w_ptr,
     S, E, D, temperature,
@@ -68,7 +127,6 @@ def _anchor_route_kernel(
     cols0 = tl.arange(0, BLOCK_E)
 
     NEG_INF: tl.constexpr = float("-inf")
-    BIG: tl.constexpr = 2147483647
 
     v0 = tl.full([BLOCK_S], NEG_INF, tl.float32)
     v1 = tl.full([BLOCK_S], NEG_INF, tl.float32)
@@ -116,50 +174,9 @@ def _anchor_route_kernel(
         ok = col_mask[None, :] & (tl.abs(acc) < float("inf")) & (acc >= thr[None, :])
         s = tl.where(ok, acc, NEG_INF)
         # merge this tile's best K candidates into the running top-k
-        for _t in tl.static_range(K):
-            m = tl.max(s, axis=1)
-            mi = tl.min(tl.where(s == m[:, None], cols[None, :], BIG), axis=1)
-            s = tl.where(cols[None, :] == mi[:, None], NEG_INF, s)
-            v0, i0, m, mi = _insert_step(v0, i0, m, mi)
-            if K > 1:
-                v1, i1, m, mi = _insert_step(v1, i1, m, mi)
-            if K > 2:
-                v2, i2, m, mi = _insert_step(v2, i2, m, mi)
-            if K > 3:
-                v3, i3, m, mi = _insert_step(v3, i3, m, mi)
+        v0, i0, v1, i1, v2, i2, v3, i3 = _merge_tile(s, cols, v0, i0, v1, i1, v2, i2, v3, i3, K)
 
-    # renormalised softmax over the chosen (finite) slots; v0 is the largest
-    ok0 = i0 >= 0
-    ok1 = i1 >= 0
-    ok2 = i2 >= 0
-    ok3 = i3 >= 0
-    top = v0 / temperature
-    e0_ = tl.where(ok0, tl.exp(v0 / temperature - top), 0.0)
-    total = e0_
-    if K > 1:
-        e1_ = tl.where(ok1, tl.exp(v1 / temperature - top), 0.0)
-        total += e1_
-    if K > 2:
-        e2_ = tl.where(ok2, tl.exp(v2 / temperature - top), 0.0)
-        total += e2_
-    if K > 3:
-        e3_ = tl.where(ok3, tl.exp(v3 / temperature - top), 0.0)
-        total += e3_
-    total = tl.where(total > 0.0, total, 1.0)
-
-    # store every slot (empty slots: id -1, weight 0)
-    out_base = rows64 * K
-    tl.store(ids_ptr + out_base, i0, mask=row_mask)
-    tl.store(w_ptr + out_base, tl.where(ok0, e0_ / total, 0.0), mask=row_mask)
-    if K > 1:
-        tl.store(ids_ptr + out_base + 1, i1, mask=row_mask)
-        tl.store(w_ptr + out_base + 1, tl.where(ok1, e1_ / total, 0.0), mask=row_mask)
-    if K > 2:
-        tl.store(ids_ptr + out_base + 2, i2, mask=row_mask)
-        tl.store(w_ptr + out_base + 2, tl.where(ok2, e2_ / total, 0.0), mask=row_mask)
-    if K > 3:
-        tl.store(ids_ptr + out_base + 3, i3, mask=row_mask)
-        tl.store(w_ptr + out_base + 3, tl.where(ok3, e3_ / total, 0.0), mask=row_mask)
+    _store_topk(ids_ptr, w_ptr, rows64, row_mask, temperature, v0, i0, v1, i1, v2, i2, v3, i3, K)
 
 
 def route_config(S: int, E: int, D: int, dtype: torch.dtype, interpreted: bool) -> dict:
@@ -171,11 +188,35 @@ def route_config(S: int, E: int, D: int, dtype: torch.dtype, interpreted: bool) 
                     BLOCK_D=min(256, max(16, np2(D))), num_warps=4)
     block_s = 16 if S <= 16 else (32 if S <= 32 else 64)
     block_e = min(64, max(16, np2(E)))
-    block_d = min(64 if dtype != torch.float32 else 32, max(16, np2(D)))
-    # fp32 dots run on FMA units with operands in registers: 8 warps keep the 64x64 tile
-    # and the k<=4 merge within the register file (4 warps spill on sm_90)
-    num_warps = 8 if (dtype == torch.float32 and block_s == 64) else 4
+    # D step and warps from the compile check (sm_80/86/89/90, k = 1..4, no spills): 16 rows
+    # take 64-wide D steps at 4 warps; 32/64 rows take 32-wide (half) or 16-wide (fp32) steps
+    # at 8 warps - wider steps or 4 warps spill 4-16 B on some architecture
+    if block_s == 16:
+        block_d, num_warps = 64, 4
+    else:
+        block_d, num_warps = (16 if dtype == torch.float32 else 32), 8
+        if block_s == 32:
+            block_e = min(block_e, 32)    # 32x64 tiles with k = 3/4 spill on sm_80/86/89
+    block_d = min(block_d, max(16, np2(D)))
     return dict(BLOCK_S=block_s, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=num_warps)
+
+
+def route_launches(queries, anchors, thresholds, out_ids, out_weights, top_k, temperature,
+                   interpreted):
+    """The launches of one ``anchor_route`` call, ``[(kernel, grid, args, kwargs)]``: the wrapper
+    runs them; the compile check compiles exactly these for each GPU architecture."""
+    S, D = queries.shape
+    E = anchors.shape[0]
+    cfg = route_config(S, E, D, queries.dtype, interpreted)
+    same = queries.dtype == anchors.dtype
+    # fp32 and mixed inputs: IEEE fp32 dot. fp16/bf16: native dot, exact products, fp32 sums.
+    # The interpreter cannot multiply bf16 (numpy has no bf16), so it upcasts them.
+    upcast = (not same) or queries.dtype == torch.float32 or (interpreted and queries.dtype == torch.bfloat16)
+    return [(_anchor_route_kernel, (triton.cdiv(S, cfg["BLOCK_S"]),),
+             (queries, anchors, thresholds, out_ids, out_weights, S, E, D, temperature),
+             dict(K=top_k, BLOCK_S=cfg["BLOCK_S"], BLOCK_E=cfg["BLOCK_E"], BLOCK_D=cfg["BLOCK_D"],
+                  ONE_D_BLOCK=D <= cfg["BLOCK_D"], UPCAST=upcast, DOT_PRECISION="ieee",
+                  num_warps=cfg["num_warps"]))]
 
 
 def anchor_route(
@@ -230,17 +271,8 @@ def anchor_route(
     if S == 0:
         return out_ids, out_weights
 
-    cfg = route_config(S, E, D, queries.dtype, interpreted)
-    same = queries.dtype == anchors.dtype
-    # fp32 and mixed inputs: IEEE fp32 dot. fp16/bf16: native dot, exact products, fp32 sums.
-    # The interpreter cannot multiply bf16 (numpy has no bf16), so it upcasts them.
-    upcast = (not same) or queries.dtype == torch.float32 or (interpreted and queries.dtype == torch.bfloat16)
-    grid = (triton.cdiv(S, cfg["BLOCK_S"]),)
-    _anchor_route_kernel[grid](
-        queries, anchors, thresholds, out_ids, out_weights,
-        S, E, D, temperature,
-        K=top_k, BLOCK_S=cfg["BLOCK_S"], BLOCK_E=cfg["BLOCK_E"], BLOCK_D=cfg["BLOCK_D"],
-        ONE_D_BLOCK=D <= cfg["BLOCK_D"], UPCAST=upcast, DOT_PRECISION="ieee",
-        num_warps=cfg["num_warps"],
-    )
+    with device_guard(device):
+        for kernel, grid, args, kwargs in route_launches(queries, anchors, thresholds, out_ids,
+                                                         out_weights, top_k, temperature, interpreted):
+            kernel[grid](*args, **kwargs)
     return out_ids, out_weights

@@ -1,0 +1,135 @@
+"""Editing throughput: blocked training (a run's new experts trained together) vs one expert
+at a time, measured side by side in one process, with the quality of both runs.
+
+* ``bundled`` (marked ``slow``): the bundled SmolLM2-135M (fp32, CPU), the first T records of
+  the bundled edit set (T = ``LEMOE_BENCH_EDITING_T``, default 100), the editor's defaults
+  (plan ``keys``, one expert per routing-key group). The same edits are edited twice from the
+  unedited model: ``EditorConfig(block_size=1)`` (one expert at a time, as the editor trained
+  before blocks) and the default automatic block. Figures: editing wall time (``edit`` from
+  planning to the last frozen expert), edits/s, the ratio, and teacher-forced reliability /
+  generality / locality of both (``lemoe_engine.evaluation.evaluate``) that must agree within
+  0.01 (``LEMOE_BENCH_EDITING_BF16=1`` adds a third run, blocked with
+  ``train_dtype="bfloat16"``, reported beside them). It runs only when timing is on (``pytest benchmarks``) or ``LEMOE_BENCH_EDITING=1``:
+  under ``--benchmark-disable`` (CI) it is skipped with a reason, as it takes minutes.
+* ``tiny`` (always, also in CI): the same comparison on a tiny random Llama (8 edits): both
+  runs must give the same routing, steps and (within tolerance) losses.
+
+Rows go to ``benchmarks/results.json`` (section ``editing``) when timing is on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from lemoe_engine import LEMoEConfig
+from lemoe_engine.editor import EditorConfig, LifelongEditor
+
+T_DEFAULT = 100
+QUALITY_TOLERANCE = 0.01
+
+
+def _edit(model, tokenizer, edits, editor_config, lemoe_config, unrelated=None):
+    editor = LifelongEditor(model, tokenizer, lemoe_config, editor_config, unrelated_prompts=unrelated)
+    started = time.perf_counter()
+    reports = editor.edit(edits, progress=False)
+    return editor, reports, time.perf_counter() - started
+
+
+def test_editing_tiny_blocked_matches_sequential(benchmark, bench_rows, request):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_editor import CONFIG, FAST, UNRELATED, llama_for, tiny_edits
+    from tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer(False)
+    edits = tiny_edits(8, seed=12)
+    out = {}
+
+    def run(block_size):
+        model = llama_for(tok, seed=12)
+        config = EditorConfig(**{**FAST.__dict__, "block_size": block_size})
+        out[block_size] = _edit(model, tok, edits, config, CONFIG, UNRELATED)
+        return out[block_size]
+
+    run(1)
+    benchmark.pedantic(run, args=(64,), rounds=1, iterations=1)
+    (seq, seq_reports, seq_s), (blk, blk_reports, blk_s) = out[1], out[64]
+    prompts = [e.prompt for e in edits] + [e.rephrase for e in edits]
+    assert blk.routes(prompts).tolist() == seq.routes(prompts).tolist()
+    assert [r.steps for r in blk_reports] == [r.steps for r in seq_reports]
+    for b, s in zip(blk_reports, seq_reports):
+        assert b.loss == pytest.approx(s.loss, rel=1e-3, abs=1e-4)
+    bench_rows.add(benchmark, section="editing", case="tiny", backend="blocked", dtype=torch.float32,
+                   shapes={"model": "tiny llama (4 layers, d=64)", "T": len(edits), "experts": len(blk_reports)},
+                   checks={"routing_equal": True, "steps_equal": True},
+                   extra={"seconds_blocked": blk_s, "seconds_sequential": seq_s, "ratio": seq_s / blk_s},
+                   request=request)
+
+
+@pytest.mark.slow
+def test_editing_bundled_blocked_vs_one_at_a_time(benchmark, bench_rows, request):
+    if not (benchmark.enabled or os.environ.get("LEMOE_BENCH_EDITING") == "1"):
+        pytest.skip("minutes of CPU: runs with timing on (pytest benchmarks) or LEMOE_BENCH_EDITING=1")
+    from lemoe_engine.data import BUNDLED_EDITS, load_edits
+    from lemoe_engine.evaluation import evaluate, locality_reference
+    from lemoe_engine.models import load_model
+    from lemoe_engine.patching import detach
+
+    limit = int(os.environ.get("LEMOE_BENCH_EDITING_T", T_DEFAULT))
+    edits = load_edits(BUNDLED_EDITS, limit=limit)
+    model, tokenizer = load_model("smollm2-135m")
+    model.eval().requires_grad_(False)
+    reference = locality_reference(model, tokenizer, edits, progress=False)
+    results = {}
+
+    def run(name, block_size, train_dtype=None):
+        editor, reports, seconds = _edit(model, tokenizer, edits,
+                                         EditorConfig(block_size=block_size, train_dtype=train_dtype), LEMoEConfig())
+        metrics = evaluate(model, tokenizer, edits, locality_ref=reference, progress=False)
+        results[name] = dict(seconds=seconds, reports=reports, metrics=metrics,
+                             block=editor.last_run.get("block_size"), steps=sum(r.steps for r in reports),
+                             tail_path=editor.last_run.get("tail_path"))
+        print(f"\n{name}: {seconds:.1f} s, {results[name]['steps']} steps, {editor.last_run}, "
+              f"{_quality(metrics)}", flush=True)
+        detach(model)  # back to the unedited model for the other run
+
+    modes = [("one_at_a_time", 1), ("blocked", None)]
+    if os.environ.get("LEMOE_BENCH_EDITING_MODES") == "blocked":  # T=1000 blocked alone
+        modes = modes[1:]
+    if os.environ.get("LEMOE_BENCH_EDITING_BF16") == "1":  # also: blocked with a bf16 tail (not the default)
+        run("blocked_bf16", None, "bfloat16")
+    for name, block_size in modes[:-1]:
+        run(name, block_size)
+    benchmark.pedantic(run, args=modes[-1], rounds=1, iterations=1)
+    blk = results["blocked"]
+    row = {"T": limit, "seconds_blocked": blk["seconds"], "edits_per_s_blocked": limit / blk["seconds"],
+           "block_size": blk["block"], "tail_path": blk["tail_path"], "experts": len(blk["reports"]), "steps_blocked": blk["steps"],
+           "quality_blocked": _quality(blk["metrics"])}
+    checks = {}
+    seq = results.get("one_at_a_time")
+    if seq is not None:
+        row.update(seconds_one_at_a_time=seq["seconds"], edits_per_s_one_at_a_time=limit / seq["seconds"],
+                   ratio=seq["seconds"] / blk["seconds"], steps_one_at_a_time=seq["steps"],
+                   quality_one_at_a_time=_quality(seq["metrics"]))
+        for key, value in row["quality_blocked"].items():
+            other = row["quality_one_at_a_time"][key]
+            assert abs(value - other) <= QUALITY_TOLERANCE, (key, value, other)
+        checks["quality_within"] = QUALITY_TOLERANCE
+    bf16 = results.get("blocked_bf16")
+    if bf16 is not None:
+        row.update(seconds_blocked_bf16=bf16["seconds"], quality_blocked_bf16=_quality(bf16["metrics"]),
+                   steps_blocked_bf16=bf16["steps"])
+    print(f"\nediting T={limit}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
+    bench_rows.add(benchmark, section="editing", case=f"bundled-T{limit}", backend="blocked",
+                   dtype=torch.float32, shapes={"model": "smollm2-135m", "T": limit}, checks=checks,
+                   extra=row, request=request)
+
+
+def _quality(metrics) -> dict:
+    names = ("reliability", "generality", "locality", "specificity")
+    return {name: round(getattr(metrics, name), 4) for name in names if getattr(metrics, name, None) is not None}

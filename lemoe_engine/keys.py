@@ -1,0 +1,57 @@
+"""Which prompt token keys an edit when its record names no ``subject``.
+
+The routing key of an edit is its subject's last token (where a transformer recalls facts about
+the subject). Users' edit files rarely annotate the subject, so it is guessed from the prompt:
+the longest run of capitalised words (a name), allowing lower-case connectors inside names
+("Princess Margaretha of Liechtenstein", "Raffaele di Paco"), a parenthesised part right after
+it ("USS Metcalf (DD-595)"), and a possessive "'s" cut off. Questions' opening words never count.
+Measured on the subject-annotated records (README): the guess ends on the annotated subject's
+last token for 95% of 998 real ZsRE records and 97% of the bundled edits; the rest are mostly
+subjects ending in lower-case words ("Coahuilan box turtle" -> "Coahuilan"), whose guessed key
+is still a token of the subject.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+_OPENERS = frozenset("""what which who whom whose when where why how is are was were did does do
+in the a an of on at to by for name tell give list""".split())
+_CONNECTORS = frozenset("""of de di da del der den von van la le du and & y al bin el dos das do upon
+on the""".split())
+_WORDS = re.compile(r"[\w'’\-.&]+|\([^)]*\)")
+
+
+def guess_subject(prompt: str) -> Optional[str]:
+    """The likely subject of ``prompt`` (a substring of it), or None when it names nothing."""
+    words = [(m.start(), m.end(), m.group()) for m in _WORDS.finditer(prompt)]
+
+    def capitalised(i: int) -> bool:
+        word = words[i][2]
+        return (word[0].isupper() or word[0].isdigit()) and i > 0 and word.lower() not in _OPENERS
+
+    runs: list[list[int]] = []
+    current: list[int] = []
+    for i, (_, _, word) in enumerate(words):
+        joins = current and (word.startswith("(") or (word.lower() in _CONNECTORS
+                                                      and i + 1 < len(words) and capitalised(i + 1)))
+        if capitalised(i) or joins:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    if not runs:
+        return None
+    best = max(runs, key=lambda run: (len(run), words[run[0]][0]))  # longest; the later on ties
+    start, end, last = words[best[0]][0], words[best[-1]][1], words[best[-1]][2]
+    for possessive in ("'s", "’s", "'", "’"):
+        if last.endswith(possessive) and len(last) > len(possessive):
+            end -= len(possessive)
+            break
+    else:
+        if last.endswith(".") and len(last) > 3:  # a sentence's full stop, not "Jr." or "U.S."
+            end -= 1
+    return prompt[start:end] or None

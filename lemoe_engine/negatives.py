@@ -1,0 +1,91 @@
+"""Negative prompts: same-subject questions an expert must leave alone.
+
+Routing keys on the subject, so every question about an edited subject reaches its expert; an
+expert trained only on its edits answers them all with its edit's target ("What is the capital
+of France?" -> "Yen" after editing France's currency). The editor therefore also trains each
+expert on a few *negative* prompts, the same subject asked about other relations, on which the
+edited model's next-token distribution must equal the unedited model's (``training.BaseKL``).
+
+They come from a generic template bank (people, places, organisations, works, species), written
+for this purpose and disjoint from every template of the bundled edit set (edit, paraphrase and
+scored specificity prompts alike: a test checks it), as the gate's unrelated pool is disjoint
+from the scored locality prompts. A template that shares a content word with any edit of the
+expert (its prompt or paraphrase) is skipped, so a negative never asks the edited relation.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from typing import Iterable, Optional, Sequence
+
+TEMPLATES = (
+    # any subject
+    "Tell me about {s}.",
+    "Give a short description of {s}.",
+    "What is {s} best known for?",
+    "What kind of thing is {s}?",
+    "Why is {s} famous?",
+    "What should everyone know about {s}?",
+    # places
+    "Where exactly is {s}?",
+    "How many people live in {s}?",
+    "Which city hosts the government of {s}?",
+    "What money do shoppers in {s} spend?",
+    "What tongue do most residents of {s} use?",
+    "Which part of the world contains {s}?",
+    "How are citizens of {s} described?",
+    "What number must you dial before calling {s}?",
+    "Which suffix ends web addresses in {s}?",
+    "What is the weather usually like in {s}?",
+    "Who governs {s} today?",
+    # people
+    "In which year was {s} born?",
+    "What did {s} do for a living?",
+    "Which country did {s} come from?",
+    "Where did {s} grow up?",
+    "Who were the parents of {s}?",
+    "When did {s} die?",
+    # organisations, works, species
+    "Who started {s}?",
+    "Where are the offices of {s}?",
+    "Who created {s}?",
+    "When did {s} first appear?",
+    "Which genre does {s} belong to?",
+    "What habitat does {s} live in?",
+    "Which taxonomic order includes {s}?",
+)
+
+_STOP = frozenset("""a an the of in on at to by for from with about and or is are was were be been do does did
+what which who whom whose when where why how name tell give me you your it its this that there their
+has have had use used called call most one some any into as""".split())
+
+
+def _stems(text: str, skip: Iterable[str] = ()) -> set[str]:
+    skipped = {w.lower() for part in skip for w in re.findall(r"\w+", part)}
+    words = [w.lower() for w in re.findall(r"[^\W\d_]+", text)]
+    return {w[:5] for w in words if w not in _STOP and w not in skipped and len(w) > 2}
+
+
+def negative_prompts(subject: str, edit_texts: Sequence[str], count: int,
+                     extra: Sequence[str] = ()) -> list[str]:
+    """``count`` bank prompts about ``subject`` that share no content word with ``edit_texts``
+    (the prompts and paraphrases the expert is trained to change), chosen deterministically per
+    subject; then ``extra`` prompts (e.g. removed edits' prompts), always kept."""
+    taken = set().union(*(_stems(t, skip=[subject]) for t in edit_texts)) if edit_texts else set()
+    usable = [t for t in TEMPLATES if not (_stems(t) & taken)]
+    if count <= 0 or not usable:
+        return list(extra)
+    picked = random.Random(zlib.crc32(subject.lower().encode())).sample(usable, min(count, len(usable)))
+    seen: list[str] = []
+    for prompt in [t.format(s=subject) for t in picked] + list(extra):
+        if prompt not in seen:
+            seen.append(prompt)
+    return seen
+
+
+def subject_of(edit) -> Optional[str]:
+    """The edit's subject: its record's ``subject``, else the guess from its prompt."""
+    from .keys import guess_subject
+    return getattr(edit, "subject", None) or guess_subject(edit.prompt)

@@ -1,0 +1,573 @@
+"""Blocked training: the new experts of a run train together, each exactly as it would alone.
+
+Why this is possible: every training row (an edit's prompt + target) reaches exactly one new
+expert (sequence routing, top-1, decided by the prompt against frozen anchors; the editor
+checks the route before training), and every older expert is frozen. So the experts of a run
+are independent problems that can share forward/backward passes:
+
+* **Forced route.** In a pass, row ``r`` of job ``j`` gets ``scale * w_r * f_j(x_r)`` added at
+  the target layer (``w_r`` is the route weight its own expert gets when served: 1.0 with
+  top-1). Rows never see another new expert, so an edit's loss reaches only its own expert.
+  Rows whose served route is another expert are dropped by the editor before training (they
+  could not reach this expert when served; one-at-a-time training spent steps on them in vain).
+* **Separate gradients.** Each job's weights are their own leaf tensors; the loss of a pass is
+  ``sum_j loss_j`` and rows are independent in a transformer forward (attention stays within
+  a sequence, norms are per token), so ``d loss / d W_j`` is job ``j``'s gradient alone.
+* **Separate optimiser state.** One ``torch.optim.AdamW`` per job: its step count, bias
+  correction and moments are the job's own, exactly as when it trains alone.
+* **Per-job early stop.** After every step each job checks its own stop rule (mean target NLL
+  below ``stop_loss`` and every target token argmax-correct, the one-at-a-time rule). A job
+  that stops leaves the block: its rows leave the passes, its optimiser is dropped, its
+  weights are never touched again (bit-unchanged); the next queued jobs take its place.
+
+Cost: everything below the target layer is frozen and runs once per edit per run (when the
+edit's job enters a block): the target layer's MLP input ``x`` and its block output with no
+expert (``out0``) are cached. A step then computes ``out0 + delta(x)`` and runs only the
+decoder layers above the target, and the LM head only at scored positions. The per-pass
+arguments of those layers (attention mask, rotary embeddings) come from the model's own code,
+run with every decoder layer short-circuited (cheap). A self-check against full forwards on
+the first pass falls back to full forwards if an architecture computes anything this misses.
+Within a step the block's rows are sorted by length and run in passes of ``micro_batch``
+rows, so little compute goes to padding.
+
+Extra loss terms (e.g. a KL-to-base term on negative prompts routed to an expert) plug in as
+``LossTerm`` objects: a row names its term; terms that need the unedited model's logits get
+them computed once, when the row's job enters a block.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .experts import ACTIVATION_FNS, expert_ffn_reference
+from .layer import LEMoELayer
+from .patching import adaptors_disabled, decoder_layers, final_norm
+
+MAX_AUTO_BLOCK = 128
+"""Largest automatic block (edits trained at once). Larger blocks only add experts whose rows
+wait in more passes per step; throughput is set by ``micro_batch``-row passes."""
+AUTO_MEMORY_FRACTION = 0.25
+"""Share of the free memory an automatic block may fill (CPU: MemAvailable; CUDA: free)."""
+
+
+# --------------------------------------------------------------------------- jobs and rows
+@dataclass
+class TrainRow:
+    """One training sequence of one job.
+
+    ``labels[t]`` is the token to predict at position ``t`` from position ``t - 1`` (-100:
+    not scored). ``weight`` is the route weight the job's expert gets on this row when served
+    (1.0 with top-1); ``frozen_route`` lists ``(expert, weight)`` of older (frozen) experts
+    also mixed into this row when ``top_k > 1``. ``term`` names the ``LossTerm`` scoring it."""
+
+    ids: list[int]
+    labels: list[int]
+    weight: float = 1.0
+    frozen_route: tuple[tuple[int, float], ...] = ()
+    term: str = "target"
+
+
+@dataclass
+class ExpertJob:
+    """One new expert to train: its initial weights and its rows (at least one)."""
+
+    weights: dict[str, torch.Tensor]
+    rows: list[TrainRow]
+
+
+@dataclass
+class JobResult:
+    weights: dict[str, torch.Tensor]
+    steps: int
+    loss: float
+    seconds: float
+    """Wall time attributed to this job: its share (by rows) of every pass it took part in,
+    plus its share of its block's preparation."""
+
+
+# --------------------------------------------------------------------------- loss terms
+class LossTerm:
+    """Scores the positions of the rows that name it.
+
+    ``losses(logits, targets, base)`` gets the logits at the scored positions [n, vocab]
+    (fp32), their targets [n] and, when ``needs_base``, the unedited model's logits there
+    [n, vocab]; it returns the per-position losses [n] and a per-position bool tensor of
+    "already right" (or None). A job's loss for the term is the mean over its positions;
+    ``done(mean, all_right)`` says whether the term lets the job stop."""
+
+    needs_base = False
+
+    def losses(self, logits: torch.Tensor, targets: torch.Tensor,
+               base: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        raise NotImplementedError
+
+    def done(self, mean: float, all_right: bool) -> bool:
+        raise NotImplementedError
+
+
+class TargetNLL(LossTerm):
+    """The edit's own term: NLL of the target tokens; done once the mean is below ``stop_loss``
+    and every target token is the argmax."""
+
+    def __init__(self, stop_loss: float) -> None:
+        self.stop_loss = stop_loss
+
+    def losses(self, logits, targets, base):
+        return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1) == targets
+
+    def done(self, mean: float, all_right: bool) -> bool:
+        return mean < self.stop_loss and all_right
+
+
+class BaseKL(LossTerm):
+    """KL(base || edited) at the scored positions: the expert must leave these rows' output
+    distribution unchanged (e.g. same-subject prompts about another relation routed to it).
+    Done once the mean KL is below ``stop`` and every position keeps the unedited model's
+    top token (a small KL can still flip the argmax of a flat distribution)."""
+
+    needs_base = True
+
+    def __init__(self, stop: float = 0.01) -> None:
+        self.stop = stop
+
+    def losses(self, logits, targets, base):
+        base_logp = base.log_softmax(-1)
+        kl = (base_logp.exp() * (base_logp - logits.log_softmax(-1))).sum(-1)
+        return kl, logits.argmax(-1) == base.argmax(-1)
+
+    def done(self, mean: float, all_right: bool) -> bool:
+        return mean < self.stop and all_right
+
+
+# --------------------------------------------------------------------------- memory rule
+def available_memory(device: torch.device) -> int:
+    """Free bytes on ``device`` (CUDA: free device memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def auto_block_size(model: nn.Module, layer: LEMoELayer, mean_rows_per_job: float = 1.0,
+                    mean_tokens: float = 16.0, micro_batch: int = 32) -> int:
+    """Edits to train at once, from free memory.
+
+    What a block holds per edit: its cached target-layer tensors (``2 * tokens * d`` values)
+    and a share of its job's expert, gradient and two AdamW moments (``4 * expert size`` fp32
+    values); what one pass adds on top: the activations of ``micro_batch`` rows through the
+    layers above the target (about ``8 d + 4 ffn`` values per token and layer) and their
+    logits. The block gets ``AUTO_MEMORY_FRACTION`` of the free memory, minus the pass, capped
+    at ``MAX_AUTO_BLOCK`` and at least ``micro_batch`` (or 1)."""
+    config = model.config
+    d = int(config.hidden_size)
+    ffn = int(getattr(config, "intermediate_size", None) or 4 * d)
+    vocab = int(config.vocab_size)
+    element = next(model.parameters()).element_size()
+    all_layers = decoder_layers(model)
+    target = next(i for i, block in enumerate(all_layers) if block.mlp is layer)
+    upper = len(all_layers) - target
+    expert = sum(w.numel() for w in _shapes(layer).values())
+    per_edit = 2 * mean_tokens * d * element + 4 * 4 * expert / max(mean_rows_per_job, 1.0)
+    per_pass = micro_batch * (mean_tokens * upper * (8 * d + 4 * ffn) * element + 4 * vocab * 4 * 3)
+    budget = AUTO_MEMORY_FRACTION * available_memory(next(model.parameters()).device) - per_pass
+    return int(max(min(micro_batch, MAX_AUTO_BLOCK), min(MAX_AUTO_BLOCK, budget // per_edit)))
+
+
+def _shapes(layer: LEMoELayer) -> dict[str, torch.Size]:
+    d, h = layer.hidden_size, layer.config.expert_hidden
+    shapes = {"w_up": torch.Size((d, h)), "w_down": torch.Size((h, d))}
+    if layer.config.expert_gated:
+        shapes["w_gate"] = torch.Size((d, h))
+    return shapes
+
+
+# --------------------------------------------------------------------------- the trainer
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@dataclass
+class _Row:
+    job: int
+    spec: TrainRow
+    length: int
+    x: torch.Tensor = None        # target MLP input [T, d]
+    out0: torch.Tensor = None     # target block output with no expert [T, d]
+    const: Optional[torch.Tensor] = None  # frozen experts' part of the delta [T, d] (top_k > 1)
+    base: Optional[torch.Tensor] = None   # unedited logits at the scored positions (needs_base)
+
+
+@dataclass
+class _Active:
+    params: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    rows: list[_Row]
+    counts: dict[str, int]  # scored positions per term
+    step: int = 0
+    seconds: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)
+    right: dict[str, bool] = field(default_factory=dict)
+
+
+class BlockTrainer:
+    """Trains ``ExpertJob``s in blocks of up to ``block_size`` edits (see the module doc).
+
+    ``run(jobs, on_done)`` trains every job and calls ``on_done(index, JobResult)`` as each one
+    finishes (jobs finish out of order; the caller commits them in order). A
+    KeyboardInterrupt propagates after the ``on_done`` calls of the jobs already finished.
+    """
+
+    def __init__(self, model: nn.Module, layer: LEMoELayer, *, learning_rate: float, weight_decay: float,
+                 max_steps: int, block_size: int, micro_batch: int,
+                 terms: dict[str, LossTerm], compute_dtype: Optional[torch.dtype] = None) -> None:
+        self.model = model
+        self.layer = layer
+        self.lr, self.weight_decay, self.max_steps = learning_rate, weight_decay, max_steps
+        self.block_size, self.micro_batch = block_size, micro_batch
+        self.terms = terms
+        self.compute_dtype = compute_dtype  # autocast the frozen layers above the target (e.g. bf16)
+        blocks = list(decoder_layers(model))
+        self.target = next(i for i, block in enumerate(blocks) if block.mlp is layer)
+        self.blocks = blocks
+        self.upper = blocks[self.target + 1:]
+        self.norm = final_norm(model)
+        self.head = model.get_output_embeddings()
+        self.device = next(model.parameters()).device
+        self.pad = int(getattr(model.config, "pad_token_id", None) or 0)
+        self.mode: Optional[str] = None  # "tail" (cached target output) or "full"; decided on the first pass
+        self.passes = 0
+
+    # ------------------------------------------------------------------ preparation
+    def _prepare(self, rows: list[_Row], check: bool) -> Optional[torch.Tensor]:
+        """One forward of the unedited model over ``rows`` up to the target layer (to the end
+        when ``check`` or a row needs base logits), caching each row's target tensors."""
+        ids, attention = self._ids(rows)
+        captured: dict[str, torch.Tensor] = {}
+        full = check or any(self.terms[r.spec.term].needs_base for r in rows)
+        target_block = self.blocks[self.target]
+
+        def at_mlp(module, args, output):
+            captured["x"] = args[0]
+
+        def after_block(module, args, kwargs, output):
+            captured["out"] = output[0] if isinstance(output, tuple) else output
+            if not full:
+                raise _Stop
+
+        handles = [self.layer.register_forward_hook(at_mlp),
+                   target_block.register_forward_hook(after_block, with_kwargs=True)]
+        logits = None
+        try:
+            with torch.no_grad(), adaptors_disabled(self.model):
+                logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        except _Stop:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        for b, row in enumerate(rows):
+            n = row.length
+            row.x = captured["x"][b, :n].detach()
+            row.out0 = captured["out"][b, :n].detach()
+            if logits is not None and self.terms[row.spec.term].needs_base:
+                scored = torch.tensor(row.spec.labels[1:], device=self.device) != -100
+                row.base = logits[b, :n - 1][scored].float()
+            if row.spec.frozen_route:
+                row.const = self._frozen_delta(row)
+        return logits
+
+    def _frozen_delta(self, row: _Row) -> torch.Tensor:
+        layer = self.layer
+        x = row.x
+        ids = torch.tensor([[e for e, _ in row.spec.frozen_route]], dtype=torch.int32,
+                           device=x.device).expand(x.shape[0], -1)
+        weights = torch.tensor([[w for _, w in row.spec.frozen_route]], dtype=torch.float32,
+                               device=x.device).expand(x.shape[0], -1)
+        experts = {name: getattr(layer, name) for name in layer.weight_names}
+        with torch.no_grad():
+            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            return expert_ffn_reference(x, ids, weights, experts["w_up"], experts.get("w_gate"),
+                                        experts["w_down"], layer.config.expert_activation, out,
+                                        layer.config.scale)
+
+    def _ids(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max(r.length for r in rows)
+        ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, :row.length] = torch.tensor(row.spec.ids)
+            attention[b, :row.length] = 1
+        return ids.to(self.device), attention.to(self.device)
+
+    @contextmanager
+    def _short_circuit(self) -> Iterator[None]:
+        """Every decoder layer returns its input unchanged (instance-level ``forward``)."""
+        def identity(hidden_states, *args, **kwargs):
+            return hidden_states
+        for block in self.blocks:
+            block.forward = identity
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                del block.forward
+
+    def _layer_calls(self, ids: torch.Tensor, attention: torch.Tensor, blocks) -> list[tuple]:
+        """The (args, kwargs) each of ``blocks`` is called with for this batch: masks and rotary
+        embeddings from the model's own code, every decoder layer short-circuited."""
+        calls: list[tuple] = []
+        handles = [block.register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True) for block in blocks]
+        try:
+            with torch.no_grad(), self._short_circuit():
+                self.model.base_model(input_ids=ids, attention_mask=attention, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return calls
+
+    # ------------------------------------------------------------------ one pass
+    def _delta(self, rows: list[_Row], jobs: list[int], active: dict[int, _Active], length: int):
+        """The experts' contribution at the target layer for ``rows``, [B, T, d] (fp32)."""
+        layer = self.layer
+        position = {job: k for k, job in enumerate(jobs)}
+        index = torch.tensor([position[r.job] for r in rows], device=self.device)
+        first = active[jobs[0]].params["w_up"]
+        x = torch.zeros(len(rows), length, layer.hidden_size, device=self.device, dtype=first.dtype)
+        for b, row in enumerate(rows):
+            x[b, :row.length] = row.x.to(first.dtype)
+        stacked = {name: torch.stack([active[j].params[name] for j in jobs])[index]
+                   for name in layer.weight_names}
+        act = ACTIVATION_FNS[layer.config.expert_activation]
+        up = torch.bmm(x, stacked["w_up"])
+        hidden = act(torch.bmm(x, stacked["w_gate"])) * up if "w_gate" in stacked else act(up)
+        scale = torch.tensor([r.spec.weight * layer.config.scale for r in rows], device=self.device)
+        delta = torch.bmm(hidden, stacked["w_down"]).float() * scale[:, None, None]
+        if any(r.const is not None for r in rows):
+            const = torch.zeros_like(delta)
+            for b, row in enumerate(rows):
+                if row.const is not None:
+                    const[b, :row.length] = row.const
+            delta = delta + const
+        return delta
+
+    def _pass(self, rows: list[_Row], active: dict[int, _Active], delta_override=None) -> torch.Tensor:
+        """Forward and backward of one pass; adds each job's loss sums to its state. Returns
+        the scored logits (for the self-check)."""
+        jobs = sorted({r.job for r in rows})
+        length = max(r.length for r in rows)
+        delta = self._delta(rows, jobs, active, length) if delta_override is None else delta_override
+        ids, attention = self._ids(rows)
+        autocast = torch.autocast(self.device.type, dtype=self.compute_dtype,
+                                  enabled=self.compute_dtype is not None and delta_override is None)
+        with autocast:
+            hidden = self._hidden(rows, ids, attention, delta, length)
+            labels = torch.full((len(rows), length), -100, dtype=torch.long)
+            for b, row in enumerate(rows):
+                labels[b, :row.length] = torch.tensor(row.spec.labels)
+            labels = labels.to(self.device)
+            targets_all = labels[:, 1:]
+            scored = targets_all != -100
+            logits = self.head(hidden[:, :-1][scored]).float()
+        return self._score(rows, jobs, active, logits, targets_all, scored, delta_override is not None)
+
+    def _hidden(self, rows, ids, attention, delta, length):
+        """Final-norm output of the model with ``delta`` added at the target layer, [B, T, d]."""
+        if self.mode == "full":
+            hidden = self._full_forward(rows, ids, attention, delta)
+        else:
+            out0 = torch.zeros(len(rows), length, self.layer.hidden_size, device=self.device,
+                               dtype=rows[0].out0.dtype)
+            for b, row in enumerate(rows):
+                out0[b, :row.length] = row.out0
+            hidden = out0 + delta.to(out0.dtype)
+            for block, (args, kwargs) in zip(self.upper, self._layer_calls(ids, attention, self.upper)):
+                out = block(hidden, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": hidden})
+                hidden = out[0] if isinstance(out, tuple) else out
+            hidden = self.norm(hidden)
+        return hidden
+
+    def _score(self, rows, jobs, active, logits, targets_all, scored, probe: bool) -> torch.Tensor:
+        targets = targets_all[scored]
+        row_of = scored.nonzero(as_tuple=True)[0]
+        if probe:
+            return logits
+        total = logits.new_zeros(())
+        position = {job: k for k, job in enumerate(jobs)}
+        for name, term in self.terms.items():
+            pick = torch.tensor([rows[int(b)].spec.term == name for b in row_of.tolist()],
+                                dtype=torch.bool, device=self.device)
+            if not bool(pick.any()):
+                continue
+            base = None
+            if term.needs_base:
+                base = torch.cat([r.base for r in rows if r.spec.term == name])
+            losses, right = term.losses(logits[pick], targets[pick], base)
+            owner = torch.tensor([position[rows[int(b)].job] for b in row_of[pick].tolist()], device=self.device)
+            norm = torch.tensor([float(max(active[j].counts.get(name, 0), 1)) for j in jobs],
+                                device=self.device)
+            per_job = losses.new_zeros(len(jobs)).index_add(0, owner, losses)
+            total = total + (per_job / norm).sum()
+            wrong = None
+            if right is not None:
+                wrong = torch.zeros(len(jobs), dtype=torch.long, device=self.device).index_add(
+                    0, owner, (~right).long())
+            sums = (per_job / norm).detach().cpu().tolist()
+            wrong = wrong.cpu().tolist() if wrong is not None else [0] * len(jobs)
+            for k, job in enumerate(jobs):
+                state = active[job]
+                state.sums[name] = state.sums.get(name, 0.0) + sums[k]
+                state.right[name] = state.right.get(name, True) and wrong[k] == 0
+        total.backward()
+        self.passes += 1
+        return logits
+
+    def _full_forward(self, rows, ids, attention, delta):
+        """Fallback: the whole model, with the delta added to the target MLP's output."""
+        def add_delta(module, args, output):
+            return output + delta.to(output.dtype)
+        handle = self.layer.register_forward_hook(add_delta)
+        captured = {}
+
+        def before_norm(module, args):
+            captured["h"] = args[0]
+        norm_handle = self.norm.register_forward_pre_hook(before_norm)
+        try:
+            with adaptors_disabled(self.model):
+                self.model.base_model(input_ids=ids, attention_mask=attention, use_cache=False)
+        finally:
+            handle.remove()
+            norm_handle.remove()
+        return self.norm(captured["h"])
+
+    def _self_check(self, rows: list[_Row], reference: torch.Tensor, active: dict[int, _Active]) -> None:
+        """Decide the mode on the first pass: the cached-tail path must give the full model's
+        logits, with no expert and with a (random) expert delta."""
+        self.mode = "tail"
+        length = max(r.length for r in rows)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        for b, row in enumerate(rows):
+            labels[b, :row.length] = torch.tensor(row.spec.labels)
+        scored = labels[:, 1:] != -100
+        with torch.no_grad():
+            zero = torch.zeros(len(rows), length, self.layer.hidden_size, device=self.device)
+            tail_zero = self._pass(rows, active, delta_override=zero)
+            expected = reference[:, :length - 1][scored.to(self.device)].float()
+            ok = torch.allclose(tail_zero, expected, atol=1e-3, rtol=1e-3)
+            generator = torch.Generator().manual_seed(0)
+            probe = (torch.randn(zero.shape, generator=generator) * 0.1).to(self.device)
+            tail_probe = self._pass(rows, active, delta_override=probe)
+            self.mode = "full"
+            full_probe = self._pass(rows, active, delta_override=probe)
+            ok = ok and torch.allclose(tail_probe, full_probe, atol=1e-3, rtol=1e-3)
+        self.mode = "tail" if ok else "full"
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, jobs: Sequence[ExpertJob], on_done: Callable[[int, JobResult], None],
+            on_step: Optional[Callable[[int, int], None]] = None) -> None:
+        queue = deque(range(len(jobs)))
+        active: dict[int, _Active] = {}
+        was_training = self.model.training
+        self.model.train(False)  # dropout off: an expert must learn the function it will serve
+        try:
+            while queue or active:
+                admitted = self._admit(jobs, queue, active)
+                if admitted:
+                    started = time.perf_counter()
+                    rows = [row for job in admitted for row in active[job].rows]
+                    check = self.mode is None
+                    for chunk in _chunks(sorted(rows, key=lambda r: r.length), self.micro_batch):
+                        reference = self._prepare(chunk, check)
+                        if check:
+                            self._self_check(chunk, reference, active)
+                            check = False
+                    share = (time.perf_counter() - started) / max(len(rows), 1)
+                    for job in admitted:
+                        active[job].seconds += share * len(active[job].rows)
+                for job in [j for j, state in active.items() if not state.rows]:
+                    state = active.pop(job)  # nothing reaches this expert: it stays as it starts
+                    on_done(job, JobResult(weights=_detached(state.params), steps=0, loss=float("nan"),
+                                           seconds=state.seconds))
+                if not active:
+                    continue
+                self._step(active, on_done)
+                if on_step is not None:
+                    on_step(len(active), sum(len(s.rows) for s in active.values()))
+        finally:
+            self.model.train(was_training)
+
+    def _admit(self, jobs, queue, active) -> list[int]:
+        """Move queued jobs into the block while their edits fit (always at least one job)."""
+        admitted = []
+        load = sum(len(state.rows) for state in active.values())
+        while queue:
+            size = len(jobs[queue[0]].rows)
+            if active and load + size > self.block_size:
+                break
+            job = queue.popleft()
+            spec = jobs[job]
+            params = {name: w.detach().to(self.device).float().clone().requires_grad_(True)
+                      for name, w in spec.weights.items()}
+            rows = [_Row(job=job, spec=row, length=len(row.ids)) for row in spec.rows]
+            counts: dict[str, int] = {}
+            for row in spec.rows:
+                counts[row.term] = counts.get(row.term, 0) + sum(1 for t in row.labels[1:] if t != -100)
+            optimizer = torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=self.weight_decay)
+            active[job] = _Active(params=params, optimizer=optimizer, rows=rows, counts=counts)
+            admitted.append(job)
+            load += size
+            if load >= self.block_size:
+                break
+        return admitted
+
+    def _step(self, active: dict[int, _Active], on_done) -> None:
+        for state in active.values():
+            state.step += 1
+            state.sums, state.right = {}, {}
+        rows = sorted((row for state in active.values() for row in state.rows), key=lambda r: r.length)
+        for chunk in _chunks(rows, self.micro_batch):
+            started = time.perf_counter()
+            self._pass(chunk, active)
+            share = (time.perf_counter() - started) / len(chunk)
+            for row in chunk:
+                active[row.job].seconds += share
+        for job in list(active):
+            state = active[job]
+            done = all(self.terms[name].done(state.sums.get(name, 0.0), state.right.get(name, True))
+                       for name in state.counts)
+            loss = sum(state.sums.values())
+            if not done:
+                state.optimizer.step()
+                state.optimizer.zero_grad(set_to_none=True)
+            if done or state.step >= self.max_steps:
+                del active[job]
+                on_done(job, JobResult(weights=_detached(state.params), steps=state.step, loss=loss,
+                                       seconds=state.seconds))
+
+
+def _detached(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in params.items()}
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    """``items`` in consecutive chunks of at most ``size``, as even as possible."""
+    if not items:
+        return []
+    count = math.ceil(len(items) / size)
+    per = math.ceil(len(items) / count)
+    return [items[i:i + per] for i in range(0, len(items), per)]

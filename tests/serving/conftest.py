@@ -1,0 +1,6 @@
+"""Serving tests import the shared tiny models from tests/."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

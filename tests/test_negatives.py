@@ -1,0 +1,42 @@
+"""Negative prompts: disjoint from every prompt the bundled set scores, never asking the edited
+relation, deterministic."""
+
+import re
+
+from lemoe_engine.data import BUNDLED_EDITS, load_edits
+from lemoe_engine.negatives import TEMPLATES, negative_prompts, subject_of
+
+
+def _template(prompt: str, subject: str) -> str:
+    return prompt.replace(subject, "{s}")
+
+
+def test_bank_is_disjoint_from_every_scored_bundled_template():
+    edits = load_edits(BUNDLED_EDITS)
+    scored = set()
+    for e in edits:
+        for text in (e.prompt, e.rephrase, *e.specificity):
+            scored.add(_template(text, e.subject))
+    scored.update(e.loc_prompt for e in edits)
+    assert len(scored) > 40  # the bundled set's 7 relations x several templates, and loc prompts
+    assert not scored & set(TEMPLATES)
+    for e in edits[:200]:  # and no generated negative equals a scored prompt of the set
+        for prompt in negative_prompts(e.subject, [e.prompt, e.rephrase], 6):
+            assert _template(prompt, e.subject) not in scored
+
+
+def test_negatives_avoid_the_edited_relation_and_are_deterministic():
+    texts = ["What money do shoppers in Peru spend today?", "Which currency is used in Peru?"]
+    picked = negative_prompts("Peru", texts, len(TEMPLATES))
+    assert picked and all("Peru" in p for p in picked)
+    assert not any(re.search(r"\b(money|shoppers|spend|currency)\b", p) for p in picked)
+    assert len(picked) < len(TEMPLATES)
+    assert negative_prompts("Peru", texts, 4) == negative_prompts("Peru", texts, 4)
+    assert negative_prompts("Peru", texts, 0, extra=["x?"]) == ["x?"]
+
+
+def test_subject_falls_back_to_the_guess():
+    class Edit:
+        prompt = "What university did Watts Humphrey attend?"
+        subject = None
+    assert subject_of(Edit()) == "Watts Humphrey"
