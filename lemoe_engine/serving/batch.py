@@ -188,10 +188,13 @@ class RequestRouter:
         """``out[n] += scale * sum_j weights[n, j] * f_{ids[n, j]}(x[n])`` (kernel on CUDA)."""
         layer = self.layer
         cfg = layer.config
-        experts = layer.expert_weights()
         if layer._use_kernels(x):
             from ..kernels import grouped_expert_ffn
-            return grouped_expert_ffn(x.contiguous(), ids, weights, experts["w_up"], experts.get("w_gate"),
-                                      experts["w_down"], cfg.expert_activation, out, cfg.scale)
+            # as LEMoELayer.forward: H padded to a multiple of 16, and a contiguous ``out`` (the
+            # kernel adds in place; into a non-contiguous view the add would be lost)
+            experts = layer._kernel_experts()
+            return grouped_expert_ffn(x.contiguous(), ids, weights, experts["w_up"], experts["w_gate"],
+                                      experts["w_down"], cfg.expert_activation, out.contiguous(), cfg.scale)
+        experts = layer.expert_weights()
         return expert_ffn_reference(x, ids, weights, experts["w_up"], experts.get("w_gate"),
                                     experts["w_down"], cfg.expert_activation, out, cfg.scale)
