@@ -1,0 +1,45 @@
+"""Edit the first T records of an edit file with the default editor (or ``--negatives N``,
+``--no-chat``, ``--strip-subject``) and print one JSON line with every metric style
+(teacher-forced, greedy, chat), the edit wall time and the steps each expert took.
+
+    python scripts/measure_edit_styles.py --limit 20 --tag default
+    python scripts/measure_edit_styles.py --limit 20 --negatives 4 --tag negatives4
+"""
+import json, sys, time, argparse, torch
+torch.set_num_threads(1)
+from lemoe_engine.models import load_model
+from lemoe_engine.data import load_edits, BUNDLED_EDITS
+from lemoe_engine.editor import LifelongEditor, EditorConfig
+from lemoe_engine.evaluation import evaluate, unedited_reference
+p = argparse.ArgumentParser()
+p.add_argument("--edits", default=str(BUNDLED_EDITS)); p.add_argument("--limit", type=int, default=100)
+p.add_argument("--negatives", type=int, default=4); p.add_argument("--no-chat", action="store_true")
+p.add_argument("--strip-subject", action="store_true"); p.add_argument("--styles", default="tf,gen,chat")
+p.add_argument("--tag", default="")
+a = p.parse_args()
+edits = load_edits(a.edits, limit=a.limit, skip_invalid=True)
+if a.strip_subject:
+    import dataclasses
+    edits = [dataclasses.replace(e, subject=None) for e in edits]
+model, tok = load_model("smollm2-135m")
+styles = a.styles.split(",")
+refs = {}
+t0 = time.time()
+for s in styles:
+    refs[s] = unedited_reference(model, tok, edits, mode="teacher_forced" if s == "tf" else "generate", chat=s == "chat")
+print("refs", round(time.time() - t0), "s", flush=True)
+cfg = EditorConfig(negatives=a.negatives, train_chat=not a.no_chat)
+editor = LifelongEditor(model, tok, editor_config=cfg)
+t0 = time.time()
+reports = editor.edit(edits, progress=False)
+edit_s = time.time() - t0
+import collections
+print("steps", sorted(collections.Counter(r.steps for r in reports).items()), "loss", [round(r.loss, 3) for r in reports][:20], flush=True)
+out = {"tag": a.tag, "T": len(edits), "experts": editor.layer.num_experts, "edit_s": round(edit_s, 1),
+       "misrouted": sum(r.misrouted for r in reports)}
+for s in styles:
+    m = evaluate(model, tok, edits, locality_ref=refs[s], mode="teacher_forced" if s == "tf" else "generate",
+                 chat=s == "chat", progress=False)
+    out[s] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.as_dict().items()
+              if k in ("reliability", "generality", "locality", "specificity", "leak_rate", "specificity_leak_rate")}
+print(json.dumps(out), flush=True)
