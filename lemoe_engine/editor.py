@@ -622,9 +622,9 @@ class LifelongEditor:
                 self._edit_batches([[edits[i] for i in batch] for batch in batches], save_to=None,
                                    progress=progress, on_batch=record)
             except BaseException:
-                # completed experts stay (and are saved): so do their ledger entries
+                # completed experts stay (and are saved): so do their ledger entries, saved or not
+                self.layer.ledger.extend(e for e in run.added if e.expert is not None)
                 if save_to is not None and self.layer.num_experts:
-                    self.layer.ledger.extend(e for e in run.added if e.expert is not None)
                     save(self.model, save_to)
                 raise
         finally:
