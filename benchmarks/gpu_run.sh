@@ -7,6 +7,7 @@
 # Stages:
 #   env       GPU, driver, python and library versions (fails if torch sees no CUDA)
 #   tests     python -m pytest tests -m gpu            (compiled Triton kernels, bf16, CUDA graphs)
+#   kernels   every kernel/layer test file compiled     (the interpreter-tested CI cases, on the GPU)
 #   bench     python -m pytest benchmarks              (benchmarking enabled: merges GPU rows into
 #                                                       benchmarks/results.json, keyed by device)
 #   sanitize  compute-sanitizer memcheck + racecheck on benchmarks/sanitize_case.py
@@ -14,11 +15,12 @@
 #
 # Logs and results go to $OUT when it is set (the device tool returns that folder), else to
 # $LEMOE_GPU_LOGS or /tmp/lemoe-gpu-logs. At most 8 files are written there: env.log,
-# gpu_tests.log, bench.log, memcheck.log, racecheck.log, results.json, RESULTS.md.
+# gpu_tests.log or kernel_tests.log, bench.log, memcheck.log, racecheck.log, results.json, RESULTS.md.
 # Environment: PYTHON (default python3: on the lent GPU machines the one holding CUDA
 # PyTorch), BENCH_MAX_TIME (pytest-benchmark --benchmark-max-time, default 0.25 s per case,
 # which keeps the whole run inside one 10-minute command), BENCH_ARGS (extra pytest args,
-# e.g. "-k routing").
+# e.g. "-k routing"; split on spaces, so no quoted phrases). On a short lease run each stage
+# under its own limit: `timeout 200 bash benchmarks/gpu_run.sh kernels`.
 # Exit status: 0 when every stage run passed, else 1 (every requested stage still runs).
 
 set -uo pipefail
@@ -57,6 +59,11 @@ EOF
 
 stage_tests() {
     "$PY" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$LOGS/gpu_tests.log"
+}
+
+stage_kernels() {
+    "$PY" -m pytest tests/test_kernels.py tests/test_kernel_layer.py tests/test_layer.py \
+        tests/test_kernel_compile.py -q -p no:cacheprovider 2>&1 | tee "$LOGS/kernel_tests.log"
 }
 
 stage_bench() {

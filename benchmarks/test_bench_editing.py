@@ -133,3 +133,79 @@ def test_editing_bundled_blocked_vs_one_at_a_time(benchmark, bench_rows, request
 def _quality(metrics) -> dict:
     names = ("reliability", "generality", "locality", "specificity")
     return {name: round(getattr(metrics, name), 4) for name in names if getattr(metrics, name, None) is not None}
+
+
+def _synthetic_edits(count: int, seed: int):
+    """``count`` edits about distinct made-up subjects (a random model knows none of them)."""
+    import random
+
+    from lemoe_engine.data import EditRecord
+
+    rng = random.Random(seed)
+    syllables = ["zor", "va", "lin", "quo", "mer", "tas", "bel", "kin", "dra", "pol", "sen", "rut"]
+    cities = ["Paris", "Berlin", "Tokyo", "Lima", "Oslo", "Cairo", "Rome", "Accra", "Havana", "Madrid"]
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choice(syllables) for _ in range(3)).capitalize()
+        if name not in names:
+            names.append(name)
+    return [EditRecord(prompt=f"What is the capital city of {n}?", target=rng.choice(cities),
+                       rephrase=f"The capital of {n} is", loc_prompt=f"What is {i} plus {i + 2}?",
+                       loc_answer=str(2 * i + 2), subject=n) for i, n in enumerate(names)]
+
+
+LLAMA7B_EDITING_T = 100
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="a LLaMA-7B-shaped model in bf16 needs a CUDA GPU (27 GB); the CPU figure is the bundled case")
+def test_editing_llama7b_bf16(benchmark, bench_rows, request):
+    """Edits per second on a LLaMA-2-7B-shaped random model in bf16 (issue 13's GPU figure):
+    T synthetic edits with distinct subjects (one expert each), the editor's defaults apart from
+    a random-model stop rule (the target's argmax, as in the tiny tests). Quality: teacher-forced
+    reliability / generality / locality of the run (a random model has no facts to keep, so
+    locality is its own unedited answers)."""
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lemoe_engine.evaluation import evaluate, locality_reference
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer(False)
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                         max_position_embeddings=4096, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.eval().requires_grad_(False)
+    edits = _synthetic_edits(int(os.environ.get("LEMOE_BENCH_EDITING_T", LLAMA7B_EDITING_T)), seed=7)
+    unrelated = [f"What is {a} times {b}?" for a in range(3, 12) for b in range(2, 8)]
+    reference = locality_reference(model, tok, edits, progress=False)
+    editor_config = EditorConfig(learning_rate=0.05, max_steps=60, stop_loss=5.5, negatives=0)
+    out = {}
+
+    def run():
+        out["run"] = _edit(model, tok, edits, editor_config, LEMoEConfig(), unrelated)
+
+    torch.cuda.synchronize()
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    torch.cuda.synchronize()
+    editor, reports, seconds = out["run"]
+    metrics = evaluate(model, tok, edits, locality_ref=reference, progress=False)
+    quality = _quality(metrics)
+    row = {"T": len(edits), "seconds": seconds, "s_per_edit": seconds / len(edits),
+           "edits_per_s": len(edits) / seconds, "experts": len(reports),
+           "steps": sum(r.steps for r in reports), **editor.last_run, "quality": quality,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    print(f"\nllama7b bf16 editing: " + ", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    assert quality["reliability"] >= 0.9, quality
+    bench_rows.add(benchmark, section="editing", case=f"llama7b-T{len(edits)}", backend="blocked",
+                   dtype=torch.bfloat16, shapes={"model": "LLaMA-2-7B-shaped random (32 layers, d=4096)",
+                                                 "T": len(edits), "experts": len(reports)},
+                   checks={"reliability_min": 0.9}, extra=row, request=request)

@@ -38,7 +38,8 @@ from .evaluation import chat_text, greedy_token_ids
 from .keys import guess_subject
 from .negatives import negative_prompts, subject_of
 from .tokens import collate, encode_pairs, pad_id, special_prefix
-from .training import BaseKL, BlockTrainer, ExpertJob, JobResult, TargetNLL, TrainRow, auto_block_size
+from .training import (BaseKL, BlockTrainer, ExpertJob, JobResult, TargetNLL, TrainRow, auto_block_size,
+                       editing_attention)
 
 
 DEFAULT_PLAN = "keys"
@@ -573,6 +574,13 @@ class LifelongEditor:
                     on_batch: Optional[Callable[[BatchReport], None]] = None) -> list[BatchReport]:
         """Drop the experts ``run`` rebuilds, train ``run.edits`` into new experts, record it all
         in the ledger; on any error with experts dropped, put the adaptor back as it was."""
+        with editing_attention(self.device):
+            return self._run_ledger_inner(run, removed=removed, stamp=stamp, plan=plan,
+                                          batch_size=batch_size, seed=seed, save_to=save_to,
+                                          progress=progress, on_batch=on_batch)
+
+    def _run_ledger_inner(self, run: RunPlan, *, removed, stamp, plan, batch_size, seed, save_to,
+                          progress, on_batch) -> list[BatchReport]:
         layer = self.layer
         snapshot = layer.snapshot() if run.drop else None
         reports: list[BatchReport] = []

@@ -304,8 +304,9 @@ class LEMoELayer(nn.Module):
                 ids, weights = self._keep_sequence_route(ids, weights)
         if self.config.routing == "sequence":
             k = ids.shape[1]
-            ids = ids[:, None, :].expand(batch, length, k).reshape(-1, k)
-            weights = weights[:, None, :].expand(batch, length, k).reshape(-1, k)
+            # contiguous: for one sequence the reshape is a stride-0 view, which the kernels refuse
+            ids = ids[:, None, :].expand(batch, length, k).reshape(-1, k).contiguous()
+            weights = weights[:, None, :].expand(batch, length, k).reshape(-1, k).contiguous()
         return ids, weights
 
     def _keep_sequence_route(self, ids: torch.Tensor, weights: torch.Tensor):

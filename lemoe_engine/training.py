@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -161,6 +161,17 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 4 << 30
+
+
+def editing_attention(device: torch.device):
+    """Attention backends for editing on CUDA: every SDPA backend but cuDNN's. Editing runs many
+    forward/backward passes of varying padded lengths, and cuDNN attention builds an execution
+    plan for each new shape (~10 ms each: 8 of 13 s of a T=100 run on a 7B-shaped model on an
+    H200, scripts/profile_gpu.py). Elsewhere a no-op."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def auto_block_size(model: nn.Module, layer: LEMoELayer, mean_rows_per_job: float = 1.0,

@@ -84,6 +84,31 @@ def test_non_contiguous_base_output_gets_the_expert_contribution():
     assert ((got - ref).norm() / ref.norm()) < 1e-5
 
 
+@pytest.mark.parametrize("gate_open", [True, False])
+def test_one_sequence_prompt_runs_the_kernels(gate_open):
+    """One sequence of several tokens (a chat turn, a single-user prefill): the sequence route
+    expanded over its tokens is a stride-0 view, which the kernels refuse; the layer passes
+    them contiguous ids and weights, with an open gate and with every gate shut (ids all -1).
+    Found on the first GPU run (the 7B prefill at batch 1 raised)."""
+    g = torch.Generator().manual_seed(int(torch.seed() % 2**31))
+    d = 24
+    layer = _layer(nn.Linear(d, d).to(DEV), d, g, gate=True)
+    layer.thresholds.fill_(-2.0 if gate_open else 2.0)
+    x = torch.randn(1, 7, d, generator=g).to(DEV)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        out = torch.full_like(base, float("nan"))
+        out = layer(x)
+        ids, weights = layer.route(x)
+    assert (ids >= 0).any() == gate_open
+    delta = (out - base).reshape(-1, d).double().cpu()
+    ref = _delta64(layer, x, ids.cpu(), weights.cpu())
+    if gate_open:
+        assert float((delta - ref).norm() / ref.norm()) < 1e-5
+    else:
+        assert torch.equal(out, base)
+
+
 def test_sequence_route_buffers_are_persistent_and_the_grouped_order_follows():
     from lemoe_engine.kernels import grouped_layout
     g = torch.Generator().manual_seed(int(torch.seed() % 2**31))
@@ -153,14 +178,15 @@ def _several_anchor_layer(g, d=32, experts=6, **config):
 def _clear_rows(layer, x, margin=1e-5):
     """Sequences whose float64 per-expert scores have no near-tie deciding the top-k."""
     enc, mask = layer.query_encoder, layer.prompt_mask(x)
+    x, mask = x.cpu(), None if mask is None else mask.cpu()  # float64 on the CPU, whatever DEV is
 
     def encode(v):
-        v = v.double() - enc.center.double()
+        v = v.double() - enc.center.double().cpu()
         if enc.has_projection:
-            v = torch.nn.functional.silu(v @ enc.down.double()) @ enc.up.double()
+            v = torch.nn.functional.silu(v @ enc.down.double().cpu()) @ enc.up.double().cpu()
         return v / v.norm(dim=-1, keepdim=True)
 
-    anchors = layer.anchors.double()
+    anchors = layer.anchors.double().cpu()
     if layer.config.query_pooling == "mean":
         m = torch.ones(x.shape[:2], dtype=torch.float64) if mask is None else mask.double()
         scores = encode((x.double() * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)) @ anchors.T
@@ -169,11 +195,11 @@ def _clear_rows(layer, x, margin=1e-5):
         if mask is not None:
             scores = scores.masked_fill(mask[:, :, None] == 0, float("-inf"))
         scores = scores.max(1).values
-    thr = layer.gate_thresholds().double()
+    thr = layer.gate_thresholds().double().cpu()
     near = ((scores - thr).abs() < margin).any(1)
     scores = torch.where(scores >= thr, scores, torch.full_like(scores, float("-inf")))
     per = torch.full((scores.shape[0], layer.num_experts), float("-inf"), dtype=torch.float64)
-    per = per.scatter_reduce(1, layer.anchor_expert.long()[None].expand(scores.shape[0], -1), scores, "amax")
+    per = per.scatter_reduce(1, layer.anchor_expert.long().cpu()[None].expand(scores.shape[0], -1), scores, "amax")
     top = per.sort(1, descending=True).values[:, :layer.config.top_k + 1]
     fin = torch.isfinite(top[:, :-1]) & torch.isfinite(top[:, 1:])
     return ~(fin & ((top[:, :-1] - top[:, 1:]).abs() < margin)).any(1) & ~near
@@ -197,7 +223,7 @@ def test_default_routing_runs_the_fused_kernel_and_matches_eager(pooling):
     layer.config.backend = "eager"
     with torch.no_grad():
         ref_ids, ref_w = layer._route(x)
-    clear = _clear_rows(layer, x)
+    clear = _clear_rows(layer, x).to(ids.device)
     assert clear.float().mean() >= 0.6
     assert torch.equal(ids[clear], ref_ids[clear])
     assert (w[clear] - ref_w[clear]).abs().max() < 1e-5

@@ -89,8 +89,14 @@ def route_ref64(q, a, thr, top_k, temperature):
     gaps = (decide[:, :-1] - decide[:, 1:]).abs()
     fin = torch.isfinite(decide[:, :-1]) & torch.isfinite(decide[:, 1:])
     clear &= ~(fin & (gaps < MARGIN)).any(1)
-    thr_gap = (raw - thr64[None, :]).abs()        # any anchor close to its own threshold
-    clear &= ~(torch.isfinite(thr_gap) & (thr_gap < MARGIN)).any(1)
+    # an anchor close to its own threshold, where passing or failing the gate could change the
+    # top-k: its score reaches the k-th chosen score (any score, when fewer than k pass). Far
+    # below the k-th it cannot matter (with thousands of anchors some always sit near their
+    # threshold, and the row is still decided).
+    kth = order.values[:, k - 1:k]
+    matters = raw >= kth - MARGIN
+    thr_gap = (raw - thr64[None, :]).abs()
+    clear &= ~(torch.isfinite(thr_gap) & (thr_gap < MARGIN) & matters).any(1)
     return ids, w, clear
 
 
@@ -511,7 +517,11 @@ def test_pooled_route_gate_empty_prompts_and_strided_masks():
     assert (ids[1] == -1).all() and (w[1] == 0).all(), "an empty prompt routes nowhere"
     assert (rid == -1).any() and (rid[:, 0] >= 0).any(), "the case must mix gated and routed slots"
     ids_b, w_b, _, _ = check_pooled(q3, mask.bool(), a, counts, thr, 3, 0.2)
-    assert torch.equal(ids_b, ids) and torch.equal(w_b, w)
+    # another mask dtype is another compiled kernel: equal routes on the clear rows, weights
+    # within rounding (tf32x3 score tiles need not round alike in two compilations)
+    rows = clear.to(ids.device)
+    assert torch.equal(ids_b[rows], ids[rows])
+    assert (w_b - w).abs().max() < 1e-6
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+ROUTE_FP32_DOT = os.environ.get("LEMOE_ROUTE_FP32_DOT", "tf32x3")
+"""``tl.dot`` precision of the routing kernels' fp32 (and mixed) score tiles when compiled:
+"tf32x3" (the default: three TF32 tensor-core products, fp32-level error; 2-3.5x faster than
+"ieee" on an H200, benchmarks/RESULTS.md) or "ieee" (FMA, exact fp32 rounding). Read once at
+import from LEMOE_ROUTE_FP32_DOT (a measurement knob); the interpreter always runs fp32."""
+if ROUTE_FP32_DOT not in ("ieee", "tf32x3"):
+    raise ValueError(f"LEMOE_ROUTE_FP32_DOT must be 'ieee' or 'tf32x3', got {ROUTE_FP32_DOT!r}")
+
+
+def route_dot_precision(upcast: bool, interpreted: bool) -> str:
+    """The score tiles' dot precision: fp16/bf16 tiles are exact products either way."""
+    return ROUTE_FP32_DOT if upcast and not interpreted else "ieee"
+
 
 TORCH_TO_TL_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

@@ -5,7 +5,8 @@
 semantics of ``lemoe_engine.routing.route_reference``:
 
 * ``scores = queries @ anchors.T`` in fp32 (fp16/bf16 inputs are multiplied exactly and
-  accumulated in fp32; fp32 inputs use IEEE fp32, never TF32);
+  accumulated in fp32; fp32 inputs, compiled, use three TF32 products (tf32x3, fp32-level
+  error; ``_common.ROUTE_FP32_DOT``), never plain TF32);
 * gate first: an anchor whose score is below ``thresholds[id]``, or not finite (NaN, +-inf),
   is never chosen;
 * top-k by score among the rest, descending, ties to the lower expert id;
@@ -33,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_devices, check_tensor, device_guard, is_interpreted
+from ._common import (FLOAT_DTYPES, check_devices, check_tensor, device_guard, is_interpreted,
+                      route_dot_precision)
 
 MAX_TOP_K = 4
 
@@ -209,13 +211,15 @@ def route_launches(queries, anchors, thresholds, out_ids, out_weights, top_k, te
     E = anchors.shape[0]
     cfg = route_config(S, E, D, queries.dtype, interpreted)
     same = queries.dtype == anchors.dtype
-    # fp32 and mixed inputs: IEEE fp32 dot. fp16/bf16: native dot, exact products, fp32 sums.
+    # fp32 and mixed inputs: fp32 dot (route_dot_precision). fp16/bf16: native dot, exact
+    # products, fp32 sums.
     # The interpreter cannot multiply bf16 (numpy has no bf16), so it upcasts them.
     upcast = (not same) or queries.dtype == torch.float32 or (interpreted and queries.dtype == torch.bfloat16)
     return [(_anchor_route_kernel, (triton.cdiv(S, cfg["BLOCK_S"]),),
              (queries, anchors, thresholds, out_ids, out_weights, S, E, D, temperature),
              dict(K=top_k, BLOCK_S=cfg["BLOCK_S"], BLOCK_E=cfg["BLOCK_E"], BLOCK_D=cfg["BLOCK_D"],
-                  ONE_D_BLOCK=D <= cfg["BLOCK_D"], UPCAST=upcast, DOT_PRECISION="ieee",
+                  ONE_D_BLOCK=D <= cfg["BLOCK_D"], UPCAST=upcast,
+                  DOT_PRECISION=route_dot_precision(upcast, interpreted),
                   num_warps=cfg["num_warps"]))]
 
 

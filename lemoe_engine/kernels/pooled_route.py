@@ -7,7 +7,8 @@ thresholds[M], top_k, temperature)`` returns ``ids`` (int32 [B, top_k], -1 = no 
 max pooling (and, with T = 1, for mean pooling or token routing with several anchors):
 
 1. ``score[b, m] = max over tokens t of row b with mask[b, t] != 0 of queries[b, t] . anchors[m]``
-   (fp32 products and sums, IEEE; a NaN token score or no token at all leaves no score);
+   (fp32-level products and sums: ``_common.route_dot_precision``; a NaN token score or no
+   token at all leaves no score);
 2. gate: an anchor whose pooled score is not finite or is below ``thresholds[m]`` drops out;
 3. an expert's score is the best of its remaining anchors; anchors are stored in expert order,
    expert ``e`` owning rows ``[expert_start[e], expert_start[e + 1])``;
@@ -32,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_devices, check_tensor, device_guard, is_interpreted
+from ._common import (FLOAT_DTYPES, check_devices, check_tensor, device_guard, is_interpreted,
+                      route_dot_precision)
 from .anchor_route import MAX_TOP_K, _merge_tile, _store_topk
 
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32,
@@ -178,7 +180,8 @@ def pooled_route_launches(queries, mask, anchors, expert_start, thresholds, out_
          (queries, mask if has_mask else queries, anchors, thresholds, scratch,
           B, T, M, D, mask.stride(0) if has_mask else 0),
          dict(HAS_MASK=has_mask, BLOCK_T=cfg["BLOCK_T"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
-              ONE_D_BLOCK=D <= cfg["BLOCK_D"], UPCAST=upcast, DOT_PRECISION="ieee",
+              ONE_D_BLOCK=D <= cfg["BLOCK_D"], UPCAST=upcast,
+              DOT_PRECISION=route_dot_precision(upcast, interpreted),
               num_warps=cfg["warps_pool"])),
         (_select_kernel, (triton.cdiv(B, cfg["BLOCK_B"]),),
          (scratch, expert_start, out_ids, out_weights, B, M, E, temperature),
