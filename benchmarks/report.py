@@ -204,7 +204,11 @@ SHAPES_TEXT = {
                "edits; the same edits edited twice from the unedited model in one process, one expert at a time "
                "(`EditorConfig(block_size=1)`) and in automatic blocks; wall time of `LifelongEditor.edit` "
                "(planning, calibration, training); quality: teacher-forced reliability / generality / locality "
-               "(`lemoe_engine.evaluation.evaluate`), which must agree within 0.01",
+               "(`lemoe_engine.evaluation.evaluate`), which must agree within 0.01. Case `llama7b` (GPU): a "
+               "LLaMA-2-7B-shaped model with random bf16 weights and T made-up edits with distinct subjects "
+               "(one expert each), blocked only, stop rule on the target's argmax (a random model cannot "
+               "reach a low loss); its locality and generality say little (a random model's query vectors "
+               "hardly separate prompts, so the gate cannot), only reliability and time are its figures",
 }
 def editing_table(rows: list[dict], gpu: bool) -> list[str]:
     header = ["case", "T", "experts", "block", "one at a time", "blocked", "edits/s (1 / blocked)", "ratio",
@@ -257,6 +261,20 @@ def render(data: dict) -> str:
                   f"timed. A session with a GPU runs `{GPU_COMMAND}` (GPU tests, this suite with "
                   "benchmarking enabled, compute-sanitizer racecheck + memcheck), then "
                   "`python benchmarks/report.py`, and commits `benchmarks/results.json` and this file.", ""]
+    if gpu_rows:
+        lines += ["## Reading the GPU figures", "",
+                  "- End to end, decode: Hugging Face `generate` is host-bound on the lent machines (a "
+                  "LLaMA-7B-shaped decode step is ~7 ms of GPU work inside ~22-35 ms of wall time, "
+                  "`scripts/profile_gpu.py`), and the first case of a process also pays warm-up: the same "
+                  "decode case differed by up to 1.6x between two runs. 'time vs unedited' at decode is "
+                  "therefore not a measure of the adaptor's cost; prefill is, and the layer tables are.",
+                  "- Layer: the benchmark calls a standalone layer, which routes every call afresh (no "
+                  "continuing sequence), so rows with T <= 64 time prompt routing plus the expert FFN, not "
+                  "the decode step that reuses a kept route (2-3 launches, `tests/test_kernel_layer.py`).",
+                  "- Routing: the Triton rows use tf32x3 score tiles (the default since 2026-11-28); the "
+                  "same cases with exact-IEEE fp32 tiles, measured in an earlier run on another H200 of the "
+                  "same kind, took 2-3.5x longer (e.g. default routing T=512, 1024 experts: 5.5 ms against "
+                  "2.2 ms). The eager rows come from that earlier run.", ""]
     cpu_runs = [m for m in runs.values() if m.get("device_kind") == "cpu"]
     if cpu_runs:
         lines += ["## Caveat on CPU timings", "",

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .augment import prompt_variants
 from .config import LEMoEConfig
 from .data import EditRecord, bundled_unrelated_prompts
 from .errors import ConfigError
@@ -79,6 +80,10 @@ class EditorConfig:
     train_chat: bool = True
     """Also train each edit asked through the tokenizer's chat template (when it has one), so the
     edit holds when an instruct model is asked as a chat."""
+    augment: int = 0
+    """Rewordings of each edit's prompt trained as positives beside it (``augment``: its
+    statement form, lead-in forms), so that an expert trained with ``negatives`` still answers
+    paraphrases of the edited question."""
     block_size: Optional[int] = None
     """Edits trained at the same time: the new experts of a run train together, whole experts,
     up to this many edits (a block); as an expert finishes the next ones take its place. Each
@@ -92,8 +97,10 @@ class EditorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"EditorConfig: {name} must be a positive int, got {value!r}")
-        if not isinstance(self.negatives, int) or isinstance(self.negatives, bool) or self.negatives < 0:
-            raise ConfigError(f"EditorConfig: negatives must be an int >= 0, got {self.negatives!r}")
+        for name in ("negatives", "augment"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"EditorConfig: {name} must be an int >= 0, got {value!r}")
         if self.train_dtype not in (None, "float32", "float16", "bfloat16"):
             raise ConfigError(f"EditorConfig: train_dtype must be None, float32, float16 or bfloat16, "
                               f"got {self.train_dtype!r}")
@@ -363,6 +370,9 @@ class LifelongEditor:
             slot = ids.index(calibrated.expert)
             frozen = tuple((e, w) for e, w in zip(ids, weights) if e >= 0 and e != calibrated.expert)
             sequences = [(pair.ids + end, pair.prompt_len)]
+            variants = prompt_variants(edit.prompt, cfg.augment)
+            for variant in encode_pairs(tok, variants, [edit.target] * len(variants)) if variants else []:
+                sequences.append((variant.ids + end, variant.prompt_len))
             if chat:
                 asked = tok(chat_text(tok, edit.prompt), add_special_tokens=False)["input_ids"]
                 answer = tok(edit.target, add_special_tokens=False)["input_ids"]

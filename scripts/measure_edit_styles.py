@@ -1,4 +1,4 @@
-"""Edit the first T records of an edit file with the default editor (or ``--negatives N``,
+"""Edit the first T records of an edit file with the default editor (or ``--negatives N``, ``--augment N``,
 ``--no-chat``, ``--strip-subject``) and print one JSON line with every metric style
 (teacher-forced, greedy, chat), the edit wall time and the steps each expert took.
 
@@ -15,7 +15,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--edits", default=str(BUNDLED_EDITS)); p.add_argument("--limit", type=int, default=100)
 p.add_argument("--negatives", type=int, default=4); p.add_argument("--no-chat", action="store_true")
 p.add_argument("--strip-subject", action="store_true"); p.add_argument("--styles", default="tf,gen,chat")
-p.add_argument("--tag", default="")
+p.add_argument("--tag", default=""); p.add_argument("--augment", type=int, default=0)
 a = p.parse_args()
 edits = load_edits(a.edits, limit=a.limit, skip_invalid=True)
 if a.strip_subject:
@@ -28,14 +28,14 @@ t0 = time.time()
 for s in styles:
     refs[s] = unedited_reference(model, tok, edits, mode="teacher_forced" if s == "tf" else "generate", chat=s == "chat")
 print("refs", round(time.time() - t0), "s", flush=True)
-cfg = EditorConfig(negatives=a.negatives, train_chat=not a.no_chat)
+cfg = EditorConfig(negatives=a.negatives, train_chat=not a.no_chat, augment=a.augment)
 editor = LifelongEditor(model, tok, editor_config=cfg)
 t0 = time.time()
 reports = editor.edit(edits, progress=False)
 edit_s = time.time() - t0
 import collections
 print("steps", sorted(collections.Counter(r.steps for r in reports).items()), "loss", [round(r.loss, 3) for r in reports][:20], flush=True)
-out = {"tag": a.tag, "T": len(edits), "experts": editor.layer.num_experts, "edit_s": round(edit_s, 1),
+out = {"tag": a.tag, "T": len(edits), "negatives": a.negatives, "augment": a.augment, "experts": editor.layer.num_experts, "edit_s": round(edit_s, 1),
        "misrouted": sum(r.misrouted for r in reports)}
 for s in styles:
     m = evaluate(model, tok, edits, locality_ref=refs[s], mode="teacher_forced" if s == "tf" else "generate",
