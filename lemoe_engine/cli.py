@@ -73,6 +73,19 @@ def _metrics_table(rows: Sequence[tuple[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def _demo_questions(edit) -> list[tuple[str, str, bool]]:
+    """What the demo asks about an edit: the edited question, the same subject's other relations
+    (should keep their answers), and the edited question through the chat template."""
+    out = [("edited question", edit.prompt, False)]
+    out += [("same subject, other relation", q, False) for q in edit.specificity[:1]]
+    out.append(("edited question, as a chat", edit.prompt, True))
+    return out
+
+
+def _demo_answers(model, tokenizer, edit) -> list[str]:
+    return [generate_text(model, tokenizer, q, chat=chat) for _, q, chat in _demo_questions(edit)]
+
+
 def cmd_demo(args) -> int:
     from .data import BUNDLED_EDITS, load_edits
     from .editor import DEFAULT_BATCH_SIZE, LifelongEditor
@@ -88,7 +101,7 @@ def cmd_demo(args) -> int:
     model, tokenizer = _load("smollm2-135m")
     edits = load_edits(BUNDLED_EDITS, limit=args.limit)
     shown = edits[:3]
-    before_text = [generate_text(model, tokenizer, e.prompt) for e in shown]
+    before_text = [_demo_answers(model, tokenizer, e) for e in shown]
     reference = locality_reference(model, tokenizer, edits)
     before = evaluate(model, tokenizer, edits, locality_ref=reference)
     config, editor_config = _editor_config(args)
@@ -102,10 +115,12 @@ def cmd_demo(args) -> int:
     print()
     print(_metrics_table([("before", before), ("after", after)]))
     print(f"\n{len(edits)} edits in {len(reports)} experts, edited in {edit_seconds:.0f} s")
-    print("\ngenerations (greedy):")
+    print("\nwhat an edit changes and what it should not (greedy answers, before -> after):")
     for edit, old in zip(shown, before_text):
-        print(f"  {edit.prompt}\n    before: {old!r}\n    after:  {generate_text(model, tokenizer, edit.prompt)!r}"
-              f"   (edit target: {edit.target!r})")
+        print(f"  edit: {edit.prompt!r} -> {edit.target!r}")
+        for (label, question, chat), was in zip(_demo_questions(edit), old):
+            now = generate_text(model, tokenizer, question, chat=chat)
+            print(f"    {label:<28} {question!r}\n      {was!r} -> {now!r}")
     print(f"\nadaptor written to {path} (load it with lemoe_engine.load(model, {str(path)!r}))")
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0

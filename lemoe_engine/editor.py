@@ -31,7 +31,7 @@ from .experts import init_expert
 from .layer import LEMoELayer
 from .ledger import LedgerEntry, RunPlan, plan_run, select
 from .ledger import now as ledger_now
-from .patching import adaptors_disabled, attach, find_layer, query_mask
+from .patching import adaptors_disabled, attach, decoder_layers, find_layer, query_mask
 from .planner import KEY_GROUP_SIMILARITY, check_plan, plan_order
 from .routing import route_scores
 from .storage import check_save_target, save
@@ -176,16 +176,37 @@ class LifelongEditor:
         self.pad_id = pad_id(tokenizer)
 
     # --------------------------------------------------------------- queries
-    def _run_prompts(self, prompts: Sequence[str], capture: Callable, batch_size: int = 64) -> list:
+    def _run_prompts(self, prompts: Sequence[str], capture: Callable, batch_size: int = 64,
+                     query_only: bool = False) -> list:
         """Forward ``prompts`` (adaptor off) up to the target layer and collect
-        ``capture(layer, layer_input)`` per batch (the layers above are not run)."""
+        ``capture(layer, layer_input)`` per batch (the layers above are not run). ``query_only``:
+        ``capture`` reads only the query source vectors, so the forward stops where they are made
+        (decoder layer N for ``query_source="layerN"``, the embeddings for ``"embedding"``):
+        embedding thousands of gate-calibration prompts costs a few layers, not the target's."""
         captured: list = []
+        layer = self.layer
 
         def hook(module, args, output):
-            captured.append(capture(module, args[0]))
+            captured.append(capture(layer, args[0]))
             raise _StopForward
 
-        handle = self.layer.register_forward_hook(hook)
+        def at_query_layer(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured.append(capture(layer, hidden))
+            raise _StopForward
+
+        def after_embedding(module, args, output):
+            captured.append(capture(layer, output))
+            raise _StopForward
+
+        # registered after attach's hooks, so these run after the query vectors are handed over
+        if query_only and layer.config.query_source == "embedding":
+            handle = self.model.get_input_embeddings().register_forward_hook(after_embedding)
+        elif query_only and layer.config.query_layer is not None:
+            handle = decoder_layers(self.model)[layer.config.query_layer].register_forward_pre_hook(
+                at_query_layer, with_kwargs=True)
+        else:
+            handle = layer.register_forward_hook(hook)
         try:
             with torch.no_grad(), adaptors_disabled(self.model):
                 for start in range(0, len(prompts), batch_size):
@@ -210,7 +231,8 @@ class LifelongEditor:
         def capture(layer: LEMoELayer, x: torch.Tensor):
             mask = layer.prompt_mask(x).bool()
             return [v[m].float().cpu() for v, m in zip(layer.token_vectors(x), mask)]
-        computed = dict(zip(missing, (v for batch in self._run_prompts(missing, capture) for v in batch)))
+        batches = self._run_prompts(missing, capture, query_only=True)
+        computed = dict(zip(missing, (v for batch in batches for v in batch)))
         if cache is not None:
             cache.update(computed)
             computed = cache

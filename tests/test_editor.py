@@ -165,3 +165,30 @@ def test_training_ends_the_answer_with_eos_so_generation_stops():
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     generated = out[0, row.prompt_len:].tolist()
     assert generated == row.ids[row.prompt_len:] + [tok.eos_token_id]
+
+
+def test_token_vectors_stop_at_the_query_source_and_equal_the_full_forward():
+    """Gate calibration embeds thousands of prompts: their query vectors are taken where they are
+    made (decoder layer N, or the embeddings), and equal those seen at the target layer."""
+    from lemoe_engine.patching import decoder_layers
+    tok = tiny_tokenizer(False)
+    prompts = ["What is the capital city of Peru?", "Which language is spoken in Chile?", "Hi"]
+    for source, above in (("layer1", 1), ("embedding", 0)):
+        model = llama_for(tok, seed=9)
+        editor = LifelongEditor(model, tok, CONFIG.replace(query_source=source), FAST,
+                                unrelated_prompts=UNRELATED)
+        calls = []
+        handle = decoder_layers(model)[above].register_forward_hook(lambda *a: calls.append(1))
+        try:
+            fast = editor.token_vectors(prompts)
+        finally:
+            handle.remove()
+        assert calls == [], f"{source}: decoder layer {above} ran"
+
+        def capture(layer, x):
+            mask = layer.prompt_mask(x).bool()
+            return [v[m].float().cpu() for v, m in zip(layer.token_vectors(x), mask)]
+        full = [v for batch in editor._run_prompts(prompts, capture) for v in batch]
+        assert len(fast) == len(full) == len(prompts)
+        for a, b in zip(fast, full):
+            assert a.shape == b.shape and torch.equal(a, b)
