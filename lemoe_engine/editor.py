@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
@@ -167,6 +168,7 @@ class LifelongEditor:
         self.unrelated_prompts = prompts
         self._unrelated_raw: Optional[list[torch.Tensor]] = None
         self._unrelated_queries = None
+        self._unrelated_lowered: Optional[list[str]] = None
         self._vector_cache: Optional[dict[str, torch.Tensor]] = None  # prompt -> raw token vectors, during a run
         self._forget: list[str] = []  # prompts of the edits being removed, during remove()
         self._continuations: dict[str, list[int]] = {}  # negative prompt -> unedited greedy tokens, per run
@@ -275,13 +277,32 @@ class LifelongEditor:
         self._unrelated_queries = None
 
     def _unrelated(self):
+        """The unrelated prompts' queries: ``_FlatQueries`` (max pooling: every token, flat, no
+        padding to the longest prompt) or [P, key] pooled queries (mean pooling)."""
         if self._unrelated_queries is None:
             raw = self._unrelated_vectors()
             if self._max_pooling:
-                self._unrelated_queries = _pad(self._encode(raw))
+                self._unrelated_queries = _FlatQueries.of(self._encode(raw))
             else:
                 self._unrelated_queries = self._pooled_queries(raw)
         return self._unrelated_queries
+
+    def _unrelated_best(self, edits: Sequence[EditRecord], anchors: torch.Tensor) -> torch.Tensor:
+        """Per anchor (one per edit, max pooling), the best score an unrelated prompt reaches on
+        it, leaving out the unrelated prompts that name that edit's subject: a question about the
+        subject is not unrelated to it, and counting it would shut the gate on its paraphrases."""
+        scores = self._unrelated().best(anchors)                                  # [P, M]
+        if self._unrelated_lowered is None:
+            self._unrelated_lowered = [p.lower() for p in self.unrelated_prompts]
+        for column, edit in enumerate(edits):
+            subject = subject_of(edit)
+            if not subject:
+                continue
+            pattern = re.compile(r"(?<![\w])" + re.escape(subject.lower()) + r"(?![\w])")
+            rows = [i for i, text in enumerate(self._unrelated_lowered) if pattern.search(text)]
+            if rows:
+                scores[rows, column] = float("-inf")
+        return scores.max(dim=0).values
 
     @property
     def _max_pooling(self) -> bool:
@@ -300,8 +321,7 @@ class LifelongEditor:
                 position = _subject_last_token(self.tokenizer, edit.prompt, guess_subject(edit.prompt), len(query))
             if position is None:
                 if pool is None:
-                    unrelated, unrelated_mask = self._unrelated()
-                    pool = unrelated[unrelated_mask]
+                    pool = self._unrelated().tokens
                 position = int((query @ pool.T).max(dim=1).values.argmin())
             positions.append(position)
         return positions
@@ -317,8 +337,7 @@ class LifelongEditor:
             queries = self.token_queries(prompts)
             positions = self._key_positions(edits, queries)
             anchors = torch.stack([q[p] for q, p in zip(queries, positions)])
-            unrelated, unrelated_mask = self._unrelated()
-            unrelated_best = _max_sim(unrelated, unrelated_mask, anchors).max(dim=0).values
+            unrelated_best = self._unrelated_best(edits, anchors)
             padded, mask = _pad(queries)
             own = _max_sim(padded, mask, anchors).diagonal()
         else:
@@ -708,6 +727,26 @@ class _Calibrated:
     thresholds: torch.Tensor
     shared_keys: int
     routes: list = field(default_factory=list)  # per edit: (expert ids, weights) when served
+
+
+@dataclass
+class _FlatQueries:
+    """Token queries of many prompts, flat: ``tokens`` [N, k], ``owner`` [N] (prompt index)."""
+
+    tokens: torch.Tensor
+    owner: torch.Tensor
+    count: int
+
+    @classmethod
+    def of(cls, queries: Sequence[torch.Tensor]) -> "_FlatQueries":
+        owner = torch.cat([torch.full((q.shape[0],), i, dtype=torch.long) for i, q in enumerate(queries)])
+        return cls(tokens=torch.cat(list(queries)), owner=owner, count=len(queries))
+
+    def best(self, anchors: torch.Tensor) -> torch.Tensor:
+        """Max-pooled scores [P, M]: each prompt's best token against each anchor."""
+        scores = self.tokens @ anchors.T.cpu()                                  # [N, M]
+        out = torch.full((self.count, scores.shape[1]), float("-inf"))
+        return out.scatter_reduce(0, self.owner[:, None].expand_as(scores), scores, reduce="amax")
 
 
 def _pad(queries: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,41 +36,6 @@ from lemoe_engine.evaluation import evaluate, locality_reference
 from lemoe_engine.models import load_model
 
 
-def exclude_subject(editor: LifelongEditor) -> None:
-    """Patch ``editor._new_anchors`` (max pooling): an unrelated prompt that mentions an edit's
-    subject (case-insensitive, whole words) does not count for that edit's threshold."""
-    import re
-
-    from lemoe_engine import editor as editor_module
-
-    original = editor._new_anchors
-    lowered = [p.lower() for p in editor.unrelated_prompts]
-
-    def new_anchors(edits):
-        anchors, thresholds = original(edits)
-        if not editor._max_pooling:
-            return anchors, thresholds
-        unrelated, mask = editor._unrelated()
-        scores = editor_module._max_sim(unrelated, mask, anchors)  # [P, M]
-        changed = False
-        for i, e in enumerate(edits):
-            if not e.subject:
-                continue
-            pattern = re.compile(r"(?<![a-z0-9])" + re.escape(e.subject.lower()) + r"(?![a-z0-9])")
-            rows = [j for j, p in enumerate(lowered) if pattern.search(p)]
-            if rows:
-                scores[rows, i] = float("-inf")
-                changed = True
-        if changed:
-            padded, pmask = editor_module._pad(editor.token_queries([e.prompt for e in edits]))
-            own = editor_module._max_sim(padded, pmask, anchors).diagonal()
-            best = scores.max(dim=0).values
-            thresholds = torch.minimum(best + editor.layer.config.gate_margin, own - 1e-6)
-        return anchors, thresholds
-
-    editor._new_anchors = new_anchors
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", default=str(BUNDLED_EDITS))
@@ -82,9 +47,6 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--show", type=int, default=0, help="print up to N leaking loc prompts")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
-    parser.add_argument("--exclude-subject", action="store_true",
-                        help="experiment (proposed editor change): calibrate an edit's anchor only on "
-                             "unrelated prompts that do not mention its subject")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -97,8 +59,6 @@ def main(argv=None) -> int:
     reference = None if args.routing_only else locality_reference(model, tokenizer, edits)
     editor_config = EditorConfig(max_steps=1) if args.routing_only else EditorConfig()
     editor = LifelongEditor(model, tokenizer, LEMoEConfig(), editor_config, unrelated_prompts=pool)
-    if args.exclude_subject:
-        exclude_subject(editor)
 
     editor.token_vectors(pool[:8])  # warm-up, not timed
     started = time.perf_counter()
@@ -116,7 +76,6 @@ def main(argv=None) -> int:
         "edits": args.edits, "n_edits": len(edits), "n_unrelated": len(pool),
         "unrelated": args.unrelated or "bundled_unrelated_prompts()",
         "experts": len(reports), "routing_only": args.routing_only,
-        "exclude_subject": args.exclude_subject,
         "leak_rate": float((loc >= 0).float().mean()),
         "paraphrase_routed": float(((para == own) & (own >= 0)).float().mean()),
         "own_routed_elsewhere": int(sum(r.misrouted for r in reports)),

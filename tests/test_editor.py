@@ -192,3 +192,19 @@ def test_token_vectors_stop_at_the_query_source_and_equal_the_full_forward():
         assert len(fast) == len(full) == len(prompts)
         for a, b in zip(fast, full):
             assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_gate_calibration_leaves_out_unrelated_prompts_naming_the_subject():
+    """An 'unrelated' prompt that names the edit's subject is not unrelated to it: counting it
+    would put the threshold at that prompt's score and shut the gate on the edit's paraphrases."""
+    tok = tiny_tokenizer(False)
+    model = llama_for(tok, seed=10)
+    naming = "Tell me about Kenya and its people."
+    editor = LifelongEditor(model, tok, CONFIG, FAST, unrelated_prompts=UNRELATED + [naming])
+    by_subject = {e.subject: e for e in tiny_edits(16, seed=0)}
+    anchor = editor.token_queries([naming])[0][-1:]               # a token of the naming prompt
+    scores = editor._unrelated().best(anchor)[:, 0]                # every unrelated prompt
+    assert int(scores.argmax()) == len(UNRELATED), "the naming prompt must be the best match"
+    best = editor._unrelated_best([by_subject["Kenya"]], anchor)
+    assert float(best[0]) == float(scores[:len(UNRELATED)].max()) < float(scores[-1])
+    assert float(editor._unrelated_best([by_subject["Peru"]], anchor)[0]) == float(scores.max())

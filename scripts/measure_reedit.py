@@ -1,0 +1,67 @@
+"""Facts that change again, measured on the bundled model (issue 12's re-edit target).
+
+The first N bundled edits are edited with their targets A, saved, reloaded, and edited again
+(`edit` on the loaded adaptor: a second run, as `lemoe edit --adaptor` does) with new targets B
+(another edit's target of the same relation, never the truth or A). Reported, teacher-forced
+(``evaluate``): B's reliability / generality / locality after A-then-B, the same for a fresh
+edit of B on the unedited model, and A's reliability after A-then-B (A should be gone).
+
+    python scripts/measure_reedit.py --limit 20
+"""
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+
+import torch
+
+from lemoe_engine import load, save
+from lemoe_engine.data import BUNDLED_EDITS, load_edits
+from lemoe_engine.editor import LifelongEditor
+from lemoe_engine.evaluation import evaluate, locality_reference
+from lemoe_engine.models import load_model
+from lemoe_engine.patching import detach
+
+torch.set_num_threads(2)
+parser = argparse.ArgumentParser()
+parser.add_argument("--limit", type=int, default=20)
+args = parser.parse_args()
+
+pool = load_edits(BUNDLED_EDITS)
+first = pool[:args.limit]
+by_relation: dict = {}
+for e in pool:
+    by_relation.setdefault(e.relation, []).append(e.target)
+edits_a, edits_b = [], []
+for i, e in enumerate(first):
+    options = [t for t in dict.fromkeys(by_relation[e.relation]) if t != e.target]
+    edits_a.append(e)
+    edits_b.append(dataclasses.replace(e, target=options[(7 * i + 3) % len(options)]))
+
+model, tok = load_model("smollm2-135m")
+reference = locality_reference(model, tok, first, progress=False)
+
+
+def metrics(edits):
+    m = evaluate(model, tok, edits, locality_ref=reference, progress=False)
+    return {k: round(getattr(m, k), 3) for k in ("reliability", "generality", "locality")}
+
+
+out = {"T": args.limit}
+t0 = time.time()
+LifelongEditor(model, tok).edit(edits_a, progress=False)
+with tempfile.TemporaryDirectory() as folder:
+    save(model, f"{folder}/a")
+    detach(model)
+    load(model, f"{folder}/a")
+    LifelongEditor(model, tok).edit(edits_b, progress=False)
+out["a_then_b_s"] = round(time.time() - t0, 1)
+out["b_after_a"] = metrics(edits_b)
+out["a_after_b"] = metrics(edits_a)
+detach(model)
+t0 = time.time()
+LifelongEditor(model, tok).edit(edits_b, progress=False)
+out["fresh_b_s"] = round(time.time() - t0, 1)
+out["b_fresh"] = metrics(edits_b)
+print(json.dumps(out), flush=True)
