@@ -46,6 +46,7 @@ def _editor_config(args) -> tuple:
     return LEMoEConfig(seed=args.seed, **overrides), EditorConfig(train_eos=not args.no_train_eos,
                                                                   block_size=getattr(args, "block_size", None),
                                                                   negatives=args.negatives,
+                                                                  augment=args.augment,
                                                                   train_chat=not args.no_train_chat)
 
 
@@ -73,17 +74,19 @@ def _metrics_table(rows: Sequence[tuple[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def _demo_questions(edit) -> list[tuple[str, str, bool]]:
-    """What the demo asks about an edit: the edited question, the same subject's other relations
-    (should keep their answers), and the edited question through the chat template."""
+def _demo_questions(edit, tokenizer) -> list[tuple[str, str, bool]]:
+    """What the demo asks about an edit: the edited question, one question about the same
+    subject's other relation (its answer should not change), and the edited question through
+    the chat template (when the tokenizer has one)."""
     out = [("edited question", edit.prompt, False)]
     out += [("same subject, other relation", q, False) for q in edit.specificity[:1]]
-    out.append(("edited question, as a chat", edit.prompt, True))
+    if getattr(tokenizer, "chat_template", None):
+        out.append(("edited question, as a chat", edit.prompt, True))
     return out
 
 
 def _demo_answers(model, tokenizer, edit) -> list[str]:
-    return [generate_text(model, tokenizer, q, chat=chat) for _, q, chat in _demo_questions(edit)]
+    return [generate_text(model, tokenizer, q, chat=chat) for _, q, chat in _demo_questions(edit, tokenizer)]
 
 
 def cmd_demo(args) -> int:
@@ -118,7 +121,7 @@ def cmd_demo(args) -> int:
     print("\nwhat an edit changes and what it should not (greedy answers, before -> after):")
     for edit, old in zip(shown, before_text):
         print(f"  edit: {edit.prompt!r} -> {edit.target!r}")
-        for (label, question, chat), was in zip(_demo_questions(edit), old):
+        for (label, question, chat), was in zip(_demo_questions(edit, tokenizer), old):
             now = generate_text(model, tokenizer, question, chat=chat)
             print(f"    {label:<28} {question!r}\n      {was!r} -> {now!r}")
     print(f"\nadaptor written to {path} (load it with lemoe_engine.load(model, {str(path)!r}))")
@@ -283,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="same-subject negative prompts per edited subject, trained to keep the "
                             "unedited answers (other facts about the subject); default 0: costs "
                             "generality and time, see README")
+        p.add_argument("--augment", type=int, default=0, metavar="N",
+                       help="rewordings of each edit's prompt (its statement form, lead-in forms) "
+                            "trained as positives beside it; meant for use with --negatives")
         p.add_argument("--no-train-chat", action="store_true",
                        help="do not also train each edit asked through the tokenizer's chat template")
         p.add_argument("--block-size", type=int, default=None,

@@ -163,10 +163,18 @@ def _check_styles(styles: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(styles))
 
 
-def _run_one(method: Method, model, tokenizer, edits, *, batch_size, seed, progress, unrelated_prompts,
-             lemoe_config, editor_config, ftl_config, grace_config, plan_features) -> dict:
+def _run_one(method: Method, model, tokenizer, edits, **kwargs) -> dict:
     """Edit ``model`` with ``method``; returns (a context factory running the model as unedited,
-    the row's editing part). Raises ConfigError when the method refuses the configuration."""
+    the row's editing part). Raises ConfigError when the method refuses the configuration.
+    Every method edits under the same attention backends (``training.editing_attention``), so
+    their edit times compare."""
+    from .training import editing_attention
+    with editing_attention(next(model.parameters()).device):
+        return _edit_with(method, model, tokenizer, edits, **kwargs)
+
+
+def _edit_with(method: Method, model, tokenizer, edits, *, batch_size, seed, progress, unrelated_prompts,
+               lemoe_config, editor_config, ftl_config, grace_config, plan_features) -> dict:
     plan_seconds = 0.0
     if method.kind == "lemoe":
         from .editor import EditorConfig, LifelongEditor

@@ -83,8 +83,8 @@ class EditorConfig:
     edit holds when an instruct model is asked as a chat."""
     augment: int = 0
     """Rewordings of each edit's prompt trained as positives beside it (``augment``: its
-    statement form, lead-in forms), so that an expert trained with ``negatives`` still answers
-    paraphrases of the edited question."""
+    statement form, lead-in forms), meant to keep an expert trained with ``negatives`` answering
+    paraphrases of the edited question (measured in the README; off by default)."""
     block_size: Optional[int] = None
     """Edits trained at the same time: the new experts of a run train together, whole experts,
     up to this many edits (a block); as an expert finishes the next ones take its place. Each
@@ -168,7 +168,6 @@ class LifelongEditor:
         self.unrelated_prompts = prompts
         self._unrelated_raw: Optional[list[torch.Tensor]] = None
         self._unrelated_queries = None
-        self._unrelated_lowered: Optional[list[str]] = None
         self._vector_cache: Optional[dict[str, torch.Tensor]] = None  # prompt -> raw token vectors, during a run
         self._forget: list[str] = []  # prompts of the edits being removed, during remove()
         self._continuations: dict[str, list[int]] = {}  # negative prompt -> unedited greedy tokens, per run
@@ -290,17 +289,20 @@ class LifelongEditor:
     def _unrelated_best(self, edits: Sequence[EditRecord], anchors: torch.Tensor) -> torch.Tensor:
         """Per anchor (one per edit, max pooling), the best score an unrelated prompt reaches on
         it, leaving out the unrelated prompts that name that edit's subject: a question about the
-        subject is not unrelated to it, and counting it would shut the gate on its paraphrases."""
+        subject is not unrelated to it, and counting it would shut the gate on its paraphrases.
+
+        Only a record's own ``subject`` counts (a guessed one can be a common word), matched
+        case-sensitively as a whole name (not inside a longer capitalised or hyphenated name:
+        "Guinea" does not name "Papua New Guinea"); when every unrelated prompt names it, none is
+        left out (an empty pool would leave the gate open)."""
         scores = self._unrelated().best(anchors)                                  # [P, M]
-        if self._unrelated_lowered is None:
-            self._unrelated_lowered = [p.lower() for p in self.unrelated_prompts]
         for column, edit in enumerate(edits):
-            subject = subject_of(edit)
-            if not subject:
+            if not edit.subject:
                 continue
-            pattern = re.compile(r"(?<![\w])" + re.escape(subject.lower()) + r"(?![\w])")
-            rows = [i for i, text in enumerate(self._unrelated_lowered) if pattern.search(text)]
-            if rows:
+            pattern = re.compile(r"(?<![\w-])" + re.escape(edit.subject) + r"(?![\w-])")
+            rows = [i for i, text in enumerate(self.unrelated_prompts)
+                    if any(not _inside_longer_name(text, m.start(), m.end()) for m in pattern.finditer(text))]
+            if rows and len(rows) < scores.shape[0]:
                 scores[rows, column] = float("-inf")
         return scores.max(dim=0).values
 
@@ -329,8 +331,9 @@ class LifelongEditor:
     def _new_anchors(self, edits: Sequence[EditRecord]) -> tuple[torch.Tensor, torch.Tensor]:
         """Anchors of the batch's new expert and their gate thresholds (cosine).
 
-        A threshold sits ``gate_margin`` above the best score any unrelated prompt reaches on
-        that anchor, but never above the score of the edit the anchor was made from."""
+        A threshold sits ``gate_margin`` above the best score an unrelated prompt reaches on that
+        anchor (``_unrelated_best``: prompts naming the edit's subject left out), but never above
+        the score of the edit the anchor was made from."""
         margin = self.layer.config.gate_margin
         prompts = [e.prompt for e in edits]
         if self._max_pooling:
@@ -397,7 +400,8 @@ class LifelongEditor:
     def _job(self, calibrated: "_Calibrated") -> ExpertJob:
         """The training job of one batch: its expert's initial weights (as ``add_expert`` makes
         them), a row per edit that reaches the expert when served (and the same edit asked
-        through the chat template), and the negative rows of its subjects (``negatives``)."""
+        through the chat template, and its ``augment`` rewordings), and the negative rows of its
+        subjects (``negatives``). Rewordings and chat rows take the prompt's route and weight."""
         cfg, layer, tok = self.editor_config, self.layer, self.tokenizer
         eos = getattr(tok, "eos_token_id", None)
         end = [eos] if cfg.train_eos and isinstance(eos, int) else []
@@ -489,7 +493,8 @@ class LifelongEditor:
         edits = list(edits)
         if not edits:
             raise ConfigError("edit_batch needs at least one edit")
-        return self._edit_batches([edits], progress=False)[0]
+        with editing_attention(self.device):
+            return self._edit_batches([edits], progress=False)[0]
 
     def _edit_batches(self, batches: Sequence[Sequence[EditRecord]], *, save_to=None, progress: bool = False,
                       on_batch: Optional[Callable[[BatchReport], None]] = None) -> list[BatchReport]:
@@ -727,6 +732,20 @@ class _Calibrated:
     thresholds: torch.Tensor
     shared_keys: int
     routes: list = field(default_factory=list)  # per edit: (expert ids, weights) when served
+
+
+def _inside_longer_name(text: str, start: int, end: int) -> bool:
+    """Whether the match ``text[start:end]`` is part of a longer capitalised name ("Guinea" in
+    "Papua New Guinea", "Ford" in "Ford Motor Company"): the next word is capitalised, or the
+    previous one is and does not start the sentence."""
+    after = re.match(r" (\w+)", text[end:])
+    if after and after.group(1)[0].isupper():
+        return True
+    before = re.search(r"(\w+) $", text[:start])
+    if not before or not before.group(1)[0].isupper():
+        return False
+    head = text[:before.start(1)].rstrip()
+    return bool(head) and not head.endswith((".", "?", "!", ":", '"'))
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 The first N bundled edits are edited with their targets A, saved, reloaded, and edited again
 (`edit` on the loaded adaptor: a second run, as `lemoe edit --adaptor` does) with new targets B
-(another edit's target of the same relation, never the truth or A). Reported, teacher-forced
+(another edit's target of the same relation, never A nor what the unedited model answers;
+an edit with no such target is left out). Reported, teacher-forced
 (``evaluate``): B's reliability / generality / locality after A-then-B, the same for a fresh
 edit of B on the unedited model, and A's reliability after A-then-B (A should be gone).
 
@@ -19,7 +20,7 @@ import torch
 from lemoe_engine import load, save
 from lemoe_engine.data import BUNDLED_EDITS, load_edits
 from lemoe_engine.editor import LifelongEditor
-from lemoe_engine.evaluation import evaluate, locality_reference
+from lemoe_engine.evaluation import evaluate, greedy_token_ids, locality_reference
 from lemoe_engine.models import load_model
 from lemoe_engine.patching import detach
 
@@ -28,18 +29,25 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--limit", type=int, default=20)
 args = parser.parse_args()
 
+model, tok = load_model("smollm2-135m")
 pool = load_edits(BUNDLED_EDITS)
 first = pool[:args.limit]
 by_relation: dict = {}
-for e in pool:
-    by_relation.setdefault(e.relation, []).append(e.target)
+for e in pool:  # B comes from the targets of the same relation (records without one: skipped)
+    if e.relation:
+        by_relation.setdefault(e.relation, []).append(e.target)
+# the unedited model's own answers: B is never what the model already says (nor A)
+said = [tok.decode(ids).strip().lower()
+        for ids in greedy_token_ids(model, tok, [e.prompt for e in first], 6, batch_size=32)]
 edits_a, edits_b = [], []
-for i, e in enumerate(first):
-    options = [t for t in dict.fromkeys(by_relation[e.relation]) if t != e.target]
+for i, (e, answer) in enumerate(zip(first, said)):
+    options = [t for t in dict.fromkeys(by_relation.get(e.relation, []))
+               if t != e.target and not answer.startswith(t.lower())]
+    if not options:
+        continue
     edits_a.append(e)
     edits_b.append(dataclasses.replace(e, target=options[(7 * i + 3) % len(options)]))
-
-model, tok = load_model("smollm2-135m")
+first = edits_a
 reference = locality_reference(model, tok, first, progress=False)
 
 
@@ -48,7 +56,7 @@ def metrics(edits):
     return {k: round(getattr(m, k), 3) for k in ("reliability", "generality", "locality")}
 
 
-out = {"T": args.limit}
+out = {"T": len(first)}
 t0 = time.time()
 LifelongEditor(model, tok).edit(edits_a, progress=False)
 with tempfile.TemporaryDirectory() as folder:

@@ -1,6 +1,7 @@
 """Where the time goes on a CUDA machine: host (CPU) and device time per op for the LLaMA-7B-
 shaped bf16 model, unedited and edited (5 random experts, hidden 1024, gate off), at prefill
-(1 x 512) and at one greedy decode step (batch 8), per backend; and a cProfile of one editing
+(1 x 512) and at a greedy decode step (batch 8, after a 32-token prompt; every timed step
+appends one token to the cache, so later steps see a slightly longer one), per backend; and a cProfile of one editing
 run (T edits) on the same model. Appends the tables to ``profile.txt`` in ``$OUT`` (or the folder given).
 
     python scripts/profile_gpu.py [OUT_DIR] [--edits 100]

@@ -1,5 +1,6 @@
 """LifelongEditor on tiny random models: real edits, freeze semantics, save/reload/continue."""
 
+import dataclasses
 import random
 
 import pytest
@@ -208,3 +209,15 @@ def test_gate_calibration_leaves_out_unrelated_prompts_naming_the_subject():
     best = editor._unrelated_best([by_subject["Kenya"]], anchor)
     assert float(best[0]) == float(scores[:len(UNRELATED)].max()) < float(scores[-1])
     assert float(editor._unrelated_best([by_subject["Peru"]], anchor)[0]) == float(scores.max())
+    # a subject guessed from the prompt (no record field) leaves nothing out: guesses can be
+    # common words
+    guessed = dataclasses.replace(by_subject["Kenya"], subject=None)
+    assert float(editor._unrelated_best([guessed], anchor)[0]) == float(scores.max())
+    # a pool that names the subject everywhere keeps every prompt: an empty pool would open the gate
+    only_naming = LifelongEditor(model, tok, unrelated_prompts=[naming, "Where is Kenya?"])
+    every = only_naming._unrelated().best(anchor)[:, 0]
+    assert float(only_naming._unrelated_best([by_subject["Kenya"]], anchor)[0]) == float(every.max())
+    # inside a longer capitalised name it is another name
+    longer = LifelongEditor(model, tok, unrelated_prompts=UNRELATED + ["Who flies Kenya Airways?"])
+    assert float(longer._unrelated_best([by_subject["Kenya"]], anchor)[0]) == float(
+        longer._unrelated().best(anchor)[:, 0].max())

@@ -15,7 +15,8 @@ ROUTE_FP32_DOT = os.environ.get("LEMOE_ROUTE_FP32_DOT", "tf32x3")
 "ieee" on an H200, benchmarks/RESULTS.md) or "ieee" (FMA, exact fp32 rounding). Read once at
 import from LEMOE_ROUTE_FP32_DOT (a measurement knob); the interpreter always runs fp32."""
 if ROUTE_FP32_DOT not in ("ieee", "tf32x3"):
-    raise ValueError(f"LEMOE_ROUTE_FP32_DOT must be 'ieee' or 'tf32x3', got {ROUTE_FP32_DOT!r}")
+    from ..errors import ConfigError
+    raise ConfigError(f"LEMOE_ROUTE_FP32_DOT must be 'ieee' or 'tf32x3', got {ROUTE_FP32_DOT!r}")
 
 
 def route_dot_precision(upcast: bool, interpreted: bool) -> str:
