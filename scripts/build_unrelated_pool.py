@@ -2,7 +2,7 @@
 """Build ``lemoe_engine/data/unrelated_pool.txt``: real-looking prompts for the locality gate.
 
 The gate sets each anchor's threshold just above the best score any *unrelated* prompt reaches on
-it (``LifelongEditor._new_anchors``). Calibrated only on the 300 synthetic prompts of
+it (``calibration.Calibration.new_anchors``). Calibrated only on the 300 synthetic prompts of
 ``unrelated_prompts.txt`` (arithmetic, chemical elements, units), real questions leaked: on real
 ZsRE, T=100, 11 of 100 NQ locality questions reached an expert whose key was a common word
 ("House", "Heart", "Girls", "First"). This pool gives the gate thousands of varied prompts written

@@ -63,8 +63,8 @@ def main(argv=None) -> int:
     editor.token_vectors(pool[:8])  # warm-up, not timed
     started = time.perf_counter()
     pool_seconds = None
-    if hasattr(editor, "_unrelated_vectors"):  # the pool's token vectors, cached for the edit below
-        editor._unrelated_vectors()
+    if hasattr(editor, "calibration"):  # the pool's token vectors, cached for the edit below
+        editor.calibration.unrelated_vectors()
         pool_seconds = round(time.perf_counter() - started, 1)
     reports = editor.edit(edits, progress=False)
     edit_seconds = time.perf_counter() - started

@@ -131,7 +131,7 @@ def test_extra_loss_term_trains_beside_the_target_term():
     edits = tiny_edits(2, seed=10)
     jobs = []
     for k, edit in enumerate(edits):
-        job = editor._job(editor._calibrate([[edit]])[0])
+        job = editor._job(editor.calibration.calibrate([[edit]])[0])
         negative = tok(f"Which language is spoken in {edit.subject}?", add_special_tokens=False)["input_ids"]
         job.rows.append(TrainRow(ids=negative, labels=[-100] * (len(negative) - 3) + negative[-3:], term="kl"))
         jobs.append(job)

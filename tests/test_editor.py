@@ -189,7 +189,7 @@ def test_token_vectors_stop_at_the_query_source_and_equal_the_full_forward():
         def capture(layer, x):
             mask = layer.prompt_mask(x).bool()
             return [v[m].float().cpu() for v, m in zip(layer.token_vectors(x), mask)]
-        full = [v for batch in editor._run_prompts(prompts, capture) for v in batch]
+        full = [v for batch in editor.calibration.run_prompts(prompts, capture) for v in batch]
         assert len(fast) == len(full) == len(prompts)
         for a, b in zip(fast, full):
             assert a.shape == b.shape and torch.equal(a, b)
@@ -204,20 +204,20 @@ def test_gate_calibration_leaves_out_unrelated_prompts_naming_the_subject():
     editor = LifelongEditor(model, tok, CONFIG, FAST, unrelated_prompts=UNRELATED + [naming])
     by_subject = {e.subject: e for e in tiny_edits(16, seed=0)}
     anchor = editor.token_queries([naming])[0][-1:]               # a token of the naming prompt
-    scores = editor._unrelated().best(anchor)[:, 0]                # every unrelated prompt
+    scores = editor.calibration.unrelated().best(anchor)[:, 0]                # every unrelated prompt
     assert int(scores.argmax()) == len(UNRELATED), "the naming prompt must be the best match"
-    best = editor._unrelated_best([by_subject["Kenya"]], anchor)
+    best = editor.calibration.unrelated_best([by_subject["Kenya"]], anchor)
     assert float(best[0]) == float(scores[:len(UNRELATED)].max()) < float(scores[-1])
-    assert float(editor._unrelated_best([by_subject["Peru"]], anchor)[0]) == float(scores.max())
+    assert float(editor.calibration.unrelated_best([by_subject["Peru"]], anchor)[0]) == float(scores.max())
     # a subject guessed from the prompt (no record field) leaves nothing out: guesses can be
     # common words
     guessed = dataclasses.replace(by_subject["Kenya"], subject=None)
-    assert float(editor._unrelated_best([guessed], anchor)[0]) == float(scores.max())
+    assert float(editor.calibration.unrelated_best([guessed], anchor)[0]) == float(scores.max())
     # a pool that names the subject everywhere keeps every prompt: an empty pool would open the gate
     only_naming = LifelongEditor(model, tok, unrelated_prompts=[naming, "Where is Kenya?"])
-    every = only_naming._unrelated().best(anchor)[:, 0]
-    assert float(only_naming._unrelated_best([by_subject["Kenya"]], anchor)[0]) == float(every.max())
+    every = only_naming.calibration.unrelated().best(anchor)[:, 0]
+    assert float(only_naming.calibration.unrelated_best([by_subject["Kenya"]], anchor)[0]) == float(every.max())
     # inside a longer capitalised name it is another name
     longer = LifelongEditor(model, tok, unrelated_prompts=UNRELATED + ["Who flies Kenya Airways?"])
-    assert float(longer._unrelated_best([by_subject["Kenya"]], anchor)[0]) == float(
-        longer._unrelated().best(anchor)[:, 0].max())
+    assert float(longer.calibration.unrelated_best([by_subject["Kenya"]], anchor)[0]) == float(
+        longer.calibration.unrelated().best(anchor)[:, 0].max())

@@ -1,0 +1,348 @@
+"""Everything an edit run decides before training, from the prompts alone: the query centre,
+each edit's key token and anchor, each anchor's gate threshold, and the route each edit's prompt
+gets when served (``Calibration``, used by ``editor.LifelongEditor``).
+
+* Query vectors: the forward pass stops where the query source is made (decoder layer N, or the
+  embeddings), and a run computes each prompt once (``vector_cache``).
+* Keys: an edit's subject's last token (the record's subject, else ``keys.guess_subject``).
+* Gate: a threshold sits ``gate_margin`` above the best score an unrelated prompt reaches on the
+  anchor (prompts naming the edit's subject left out), never above its own edit's score.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import EditRecord
+from .keys import guess_subject
+from .layer import LEMoELayer
+from .patching import adaptors_disabled, decoder_layers, query_mask
+from .planner import KEY_GROUP_SIMILARITY
+from .routing import route_scores
+from .tokens import collate, encode_pairs, pad_id
+
+
+class Calibration:
+    """Queries, anchors and gate thresholds for the edits of ``layer``'s model.
+
+    ``unrelated_prompts`` are prompts the edits must leave alone; they fit the query centre and
+    calibrate each anchor's gate. Never pass the locality prompts you score."""
+
+    def __init__(self, model: nn.Module, tokenizer, layer: LEMoELayer, unrelated_prompts: Sequence[str]) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layer = layer
+        self.unrelated_prompts = list(unrelated_prompts)
+        self._unrelated_raw: Optional[list[torch.Tensor]] = None
+        self._unrelated_queries = None
+        self.vector_cache: Optional[dict[str, torch.Tensor]] = None  # prompt -> raw token vectors, during a run
+        self.device = next(model.parameters()).device
+        self.pad_id = pad_id(tokenizer)
+
+    def run_prompts(self, prompts: Sequence[str], capture: Callable, batch_size: int = 64,
+                     query_only: bool = False) -> list:
+        """Forward ``prompts`` (adaptor off) up to the target layer and collect
+        ``capture(layer, layer_input)`` per batch (the layers above are not run). ``query_only``:
+        ``capture`` reads only the query source vectors, so the forward stops where they are made
+        (decoder layer N for ``query_source="layerN"``, the embeddings for ``"embedding"``):
+        embedding thousands of gate-calibration prompts costs a few layers, not the target's."""
+        captured: list = []
+        layer = self.layer
+
+        def hook(module, args, output):
+            captured.append(capture(layer, args[0]))
+            raise _StopForward
+
+        def at_query_layer(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured.append(capture(layer, hidden))
+            raise _StopForward
+
+        def after_embedding(module, args, output):
+            captured.append(capture(layer, output))
+            raise _StopForward
+
+        # registered after attach's hooks, so these run after the query vectors are handed over
+        if query_only and layer.config.query_source == "embedding":
+            handle = self.model.get_input_embeddings().register_forward_hook(after_embedding)
+        elif query_only and layer.config.query_layer is not None:
+            handle = decoder_layers(self.model)[layer.config.query_layer].register_forward_pre_hook(
+                at_query_layer, with_kwargs=True)
+        else:
+            handle = layer.register_forward_hook(hook)
+        try:
+            with torch.no_grad(), adaptors_disabled(self.model):
+                for start in range(0, len(prompts), batch_size):
+                    chunk = list(prompts[start:start + batch_size])
+                    rows = encode_pairs(self.tokenizer, chunk, ["x"] * len(chunk))
+                    ids, attention, prompt_mask = collate(rows, self.pad_id, self.device)
+                    try:
+                        with query_mask(self.model, prompt_mask):
+                            self.model(input_ids=ids, attention_mask=attention, use_cache=False)
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+        return captured
+
+    def token_vectors(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Per prompt, the raw source vector of each of its tokens, [n_i, d] (before centring).
+        During a run (``edit``) each prompt is computed once and kept until the run ends."""
+        cache = self.vector_cache
+        missing = list(dict.fromkeys(p for p in prompts if cache is None or p not in cache))
+
+        def capture(layer: LEMoELayer, x: torch.Tensor):
+            mask = layer.prompt_mask(x).bool()
+            return [v[m].float().cpu() for v, m in zip(layer.token_vectors(x), mask)]
+        batches = self.run_prompts(missing, capture, query_only=True)
+        computed = dict(zip(missing, (v for batch in batches for v in batch)))
+        if cache is not None:
+            cache.update(computed)
+            computed = cache
+        return [computed[p] for p in prompts]
+
+    def encode(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        encoder = self.layer.query_encoder
+        with torch.no_grad():
+            return [encoder(v.to(self.device)).cpu() for v in vectors]
+
+    def token_queries(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Per prompt, the unit-norm routing query of each of its tokens, [n_i, key]."""
+        return self.encode(self.token_vectors(prompts))
+
+    def sequence_queries(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Mean-pooled unit queries of ``prompts`` [n, key] (the paper's instance query)."""
+        return self.pooled_queries(self.token_vectors(prompts))
+
+    def pooled_queries(self, vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(self.encode([v.mean(dim=0, keepdim=True) for v in vectors]))
+
+    def routes(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The expert each prompt routes to now (top-1, -1 = none), exactly as served."""
+        def capture(layer: LEMoELayer, x: torch.Tensor):
+            return layer._route(x)[0][:, 0].cpu()
+        return torch.cat(self.run_prompts(prompts, capture))
+
+    def unrelated_vectors(self) -> list[torch.Tensor]:
+        """Raw token vectors of the unrelated prompts: computed once (the layers below the query
+        source are frozen), then centred/encoded as needed."""
+        if self._unrelated_raw is None:
+            self._unrelated_raw = self.token_vectors(self.unrelated_prompts)
+        return self._unrelated_raw
+
+    def fit_center(self, prompts: Sequence[str]) -> None:
+        """Before the first expert: remove the mean direction all token vectors share. Fixed after."""
+        vectors = torch.cat(self.token_vectors(prompts) + self.unrelated_vectors())
+        with torch.no_grad():
+            self.layer.query_encoder.center.copy_(vectors.mean(dim=0).to(self.device))
+        self._unrelated_queries = None
+
+    def unrelated(self):
+        """The unrelated prompts' queries: ``_FlatQueries`` (max pooling: every token, flat, no
+        padding to the longest prompt) or [P, key] pooled queries (mean pooling)."""
+        if self._unrelated_queries is None:
+            raw = self.unrelated_vectors()
+            if self.max_pooling:
+                self._unrelated_queries = _FlatQueries.of(self.encode(raw))
+            else:
+                self._unrelated_queries = self.pooled_queries(raw)
+        return self._unrelated_queries
+
+    def unrelated_best(self, edits: Sequence[EditRecord], anchors: torch.Tensor) -> torch.Tensor:
+        """Per anchor (one per edit, max pooling), the best score an unrelated prompt reaches on
+        it, leaving out the unrelated prompts that name that edit's subject: a question about the
+        subject is not unrelated to it, and counting it would shut the gate on its paraphrases.
+
+        Only a record's own ``subject`` counts (a guessed one can be a common word), matched
+        case-sensitively as a whole name (not inside a longer capitalised or hyphenated name:
+        "Guinea" does not name "Papua New Guinea"); when every unrelated prompt names it, none is
+        left out (an empty pool would leave the gate open)."""
+        scores = self.unrelated().best(anchors)                                  # [P, M]
+        for column, edit in enumerate(edits):
+            if not edit.subject:
+                continue
+            pattern = re.compile(r"(?<![\w-])" + re.escape(edit.subject) + r"(?![\w-])")
+            rows = [i for i, text in enumerate(self.unrelated_prompts)
+                    if any(not _inside_longer_name(text, m.start(), m.end()) for m in pattern.finditer(text))]
+            if rows and len(rows) < scores.shape[0]:
+                scores[rows, column] = float("-inf")
+        return scores.max(dim=0).values
+
+    @property
+    def max_pooling(self) -> bool:
+        return self.layer.config.query_pooling == "max"
+
+    def key_positions(self, edits: Sequence[EditRecord], queries: list[torch.Tensor]) -> list[int]:
+        """Token whose vector keys an edit: the subject's last token (where the model recalls facts
+        about it), the subject being the record's or, without one, guessed from the prompt
+        (``keys.guess_subject``); failing both, the prompt token least like any token of the
+        unrelated prompts."""
+        positions = []
+        pool = None
+        for edit, query in zip(edits, queries):
+            position = _subject_last_token(self.tokenizer, edit.prompt, edit.subject, len(query))
+            if position is None:
+                position = _subject_last_token(self.tokenizer, edit.prompt, guess_subject(edit.prompt), len(query))
+            if position is None:
+                if pool is None:
+                    pool = self.unrelated().tokens
+                position = int((query @ pool.T).max(dim=1).values.argmin())
+            positions.append(position)
+        return positions
+
+    def new_anchors(self, edits: Sequence[EditRecord]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anchors of the batch's new expert and their gate thresholds (cosine).
+
+        A threshold sits ``gate_margin`` above the best score an unrelated prompt reaches on that
+        anchor (``_unrelated_best``: prompts naming the edit's subject left out), but never above
+        the score of the edit the anchor was made from."""
+        margin = self.layer.config.gate_margin
+        prompts = [e.prompt for e in edits]
+        if self.max_pooling:
+            queries = self.token_queries(prompts)
+            positions = self.key_positions(edits, queries)
+            anchors = torch.stack([q[p] for q, p in zip(queries, positions)])
+            unrelated_best = self.unrelated_best(edits, anchors)
+            padded, mask = _pad(queries)
+            own = _max_sim(padded, mask, anchors).diagonal()
+        else:
+            queries = self.sequence_queries(prompts)
+            anchors = F.normalize(queries.mean(dim=0, keepdim=True), dim=-1)
+            unrelated_best = (self.unrelated() @ anchors.T).max(dim=0).values
+            own = (queries @ anchors.T).min(dim=0).values
+        thresholds = torch.minimum(unrelated_best + margin, own - 1e-6)
+        return anchors, thresholds
+
+    def calibrate(self, batches: Sequence[Sequence[EditRecord]]) -> list["Calibrated"]:
+        """Everything decided before training, for every batch of a run: anchors, gate
+        thresholds, shared keys, and the route each edit's prompt gets when served among the
+        experts up to its own (the later ones do not exist yet when it would train alone)."""
+        layer = self.layer
+        first = layer.num_experts
+        out: list[Calibrated] = []
+        known = layer.anchors.float().cpu()
+        owners = [layer.anchor_expert.long().cpu()]
+        thresholds = [layer.gate_thresholds().float().cpu()]
+        anchors_all = [known]
+        for number, edits in enumerate(batches):
+            anchors, gates = self.new_anchors(edits)
+            shared = 0
+            seen = torch.cat(anchors_all)
+            if seen.shape[0]:
+                similarity = F.normalize(anchors.float(), dim=-1) @ seen.T
+                shared = int((similarity.max(dim=1).values >= KEY_GROUP_SIMILARITY).sum())
+            out.append(Calibrated(edits=list(edits), expert=first + number, anchors=anchors, thresholds=gates,
+                                   shared_keys=shared))
+            anchors_all.append(F.normalize(anchors.float(), dim=-1))
+            owners.append(torch.full((anchors.shape[0],), first + number, dtype=torch.long))
+            thresholds.append(gates.float() if layer.config.gate else torch.full_like(gates.float(), float("-inf")))
+        anchors_all, owners, thresholds = torch.cat(anchors_all), torch.cat(owners), torch.cat(thresholds)
+        prompts = [e.prompt for c in out for e in c.edits]
+        own = torch.tensor([c.expert for c in out for _ in c.edits])
+        routes = []
+        for start in range(0, len(prompts), 256):
+            chunk = prompts[start:start + 256]
+            if self.max_pooling:
+                padded, mask = _pad(self.token_queries(chunk))
+                scores = _max_sim(padded, mask, anchors_all)
+            else:
+                scores = self.sequence_queries(chunk) @ anchors_all.T
+            later = owners.unsqueeze(0) > own[start:start + len(chunk)].unsqueeze(1)
+            scores = scores.masked_fill(later, float("-inf"))
+            routes.append(route_scores(scores, thresholds, owners, first + len(out), layer.config.top_k,
+                                       layer.config.temperature))
+        ids = torch.cat([r[0] for r in routes])
+        weights = torch.cat([r[1] for r in routes])
+        n = 0
+        for c in out:
+            c.routes = [(ids[n + i].tolist(), weights[n + i].tolist()) for i in range(len(c.edits))]
+            n += len(c.edits)
+        return out
+
+
+class _StopForward(Exception):
+    """Ends a forward pass once the layer's input has been captured."""
+
+
+@dataclass
+class Calibrated:
+    edits: list
+    expert: int
+    anchors: torch.Tensor
+    thresholds: torch.Tensor
+    shared_keys: int
+    routes: list = field(default_factory=list)  # per edit: (expert ids, weights) when served
+
+
+def _inside_longer_name(text: str, start: int, end: int) -> bool:
+    """Whether the match ``text[start:end]`` is part of a longer capitalised name ("Guinea" in
+    "Papua New Guinea", "Ford" in "Ford Motor Company"): the next word is capitalised, or the
+    previous one is and does not start the sentence."""
+    after = re.match(r" (\w+)", text[end:])
+    if after and after.group(1)[0].isupper():
+        return True
+    before = re.search(r"(\w+) $", text[:start])
+    if not before or not before.group(1)[0].isupper():
+        return False
+    head = text[:before.start(1)].rstrip()
+    return bool(head) and not head.endswith((".", "?", "!", ":", '"'))
+
+
+@dataclass
+class _FlatQueries:
+    """Token queries of many prompts, flat: ``tokens`` [N, k], ``owner`` [N] (prompt index)."""
+
+    tokens: torch.Tensor
+    owner: torch.Tensor
+    count: int
+
+    @classmethod
+    def of(cls, queries: Sequence[torch.Tensor]) -> "_FlatQueries":
+        owner = torch.cat([torch.full((q.shape[0],), i, dtype=torch.long) for i, q in enumerate(queries)])
+        return cls(tokens=torch.cat(list(queries)), owner=owner, count=len(queries))
+
+    def best(self, anchors: torch.Tensor) -> torch.Tensor:
+        """Max-pooled scores [P, M]: each prompt's best token against each anchor."""
+        scores = self.tokens @ anchors.T.cpu()                                  # [N, M]
+        out = torch.full((self.count, scores.shape[1]), float("-inf"))
+        return out.scatter_reduce(0, self.owner[:, None].expand_as(scores), scores, reduce="amax")
+
+
+def _pad(queries: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-prompt token queries [n_i, k] into [P, T, k] plus a [P, T] validity mask."""
+    length = max(q.shape[0] for q in queries)
+    padded = torch.zeros(len(queries), length, queries[0].shape[1])
+    mask = torch.zeros(len(queries), length, dtype=torch.bool)
+    for i, q in enumerate(queries):
+        padded[i, :q.shape[0]] = q
+        mask[i, :q.shape[0]] = True
+    return padded, mask
+
+
+def _max_sim(padded: torch.Tensor, mask: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Max-pooled scores [P, M]: each prompt's best token against each anchor."""
+    scores = padded @ anchors.T.cpu()
+    return scores.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(dim=1).values
+
+
+def _subject_last_token(tokenizer, prompt: str, subject: Optional[str], n_tokens: int) -> Optional[int]:
+    """Index of the prompt token holding the subject's last character, or None."""
+    if not subject:
+        return None
+    end = prompt.rfind(subject)
+    if end < 0:
+        return None
+    end += len(subject)
+    try:
+        offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+        return len(tokenizer(prompt[:end], add_special_tokens=False)["input_ids"]) - 1
+    shift = n_tokens - len(offsets)  # special tokens the model input has in front
+    hits = [i for i, (a, b) in enumerate(offsets) if a < end and b > a]
+    return hits[-1] + shift if hits else None
