@@ -5,7 +5,8 @@ The first N bundled edits are edited with their targets A, saved, reloaded, and 
 (another edit's target of the same relation, never A nor what the unedited model answers;
 an edit with no such target is left out). Reported, teacher-forced
 (``evaluate``): B's reliability / generality / locality after A-then-B, the same for a fresh
-edit of B on the unedited model, and A's reliability after A-then-B (A should be gone).
+edit of B on the unedited model, and A's reliability after A-then-B (A should be gone); each
+teacher-forced and greedy.
 
     python scripts/measure_reedit.py --limit 20
 """
@@ -20,7 +21,7 @@ import torch
 from lemoe_engine import load, save
 from lemoe_engine.data import BUNDLED_EDITS, load_edits
 from lemoe_engine.editor import LifelongEditor
-from lemoe_engine.evaluation import evaluate, greedy_token_ids, locality_reference
+from lemoe_engine.evaluation import evaluate, greedy_token_ids, locality_reference, unedited_reference
 from lemoe_engine.models import load_model
 from lemoe_engine.patching import detach
 
@@ -49,11 +50,17 @@ for i, (e, answer) in enumerate(zip(first, said)):
     edits_b.append(dataclasses.replace(e, target=options[(7 * i + 3) % len(options)]))
 first = edits_a
 reference = locality_reference(model, tok, first, progress=False)
+greedy_reference = unedited_reference(model, tok, first, mode="generate")
 
 
 def metrics(edits):
-    m = evaluate(model, tok, edits, locality_ref=reference, progress=False)
-    return {k: round(getattr(m, k), 3) for k in ("reliability", "generality", "locality")}
+    """Teacher-forced (token accuracy: an old and a new value sharing tokens, "North America" /
+    "South America", score partly) and greedy (the answer starts with the value)."""
+    out = {}
+    for style, ref, mode in (("tf", reference, None), ("greedy", greedy_reference, "generate")):
+        m = evaluate(model, tok, edits, locality_ref=ref, progress=False, mode=mode)
+        out[style] = {k: round(getattr(m, k), 3) for k in ("reliability", "generality", "locality")}
+    return out
 
 
 out = {"T": len(first)}
