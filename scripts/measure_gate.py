@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--show", type=int, default=0, help="print up to N leaking loc prompts")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--gate-margin", type=float, default=None, help="LEMoEConfig.gate_margin (default: the config's)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(args.model)
     reference = None if args.routing_only else locality_reference(model, tokenizer, edits)
     editor_config = EditorConfig(max_steps=1) if args.routing_only else EditorConfig()
-    editor = LifelongEditor(model, tokenizer, LEMoEConfig(), editor_config, unrelated_prompts=pool)
+    config = LEMoEConfig() if args.gate_margin is None else LEMoEConfig(gate_margin=args.gate_margin)
+    editor = LifelongEditor(model, tokenizer, config, editor_config, unrelated_prompts=pool)
 
     editor.token_vectors(pool[:8])  # warm-up, not timed
     started = time.perf_counter()
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     out = {
         "edits": args.edits, "n_edits": len(edits), "n_unrelated": len(pool),
         "unrelated": args.unrelated or "bundled_unrelated_prompts()",
-        "experts": len(reports), "routing_only": args.routing_only,
+        "experts": len(reports), "routing_only": args.routing_only, "gate_margin": config.gate_margin,
         "leak_rate": float((loc >= 0).float().mean()),
         "paraphrase_routed": float(((para == own) & (own >= 0)).float().mean()),
         "own_routed_elsewhere": int(sum(r.misrouted for r in reports)),
