@@ -38,3 +38,32 @@ def test_augment_must_be_a_count():
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="augment"):
             EditorConfig(augment=bad)
+
+
+def test_augment_adds_its_rewordings_as_rows_of_the_edits_expert():
+    """With augment=M each edit trains M more rows: its rewordings followed by the target, with
+    the prompt's route and weight; the prompt rows themselves are unchanged."""
+    import dataclasses
+
+    from test_editor import CONFIG, FAST, UNRELATED, llama_for, tiny_edits
+    from tiny_models import tiny_tokenizer
+    from lemoe_engine.editor import LifelongEditor
+    from lemoe_engine.tokens import encode_pairs
+
+    tok = tiny_tokenizer(False)
+    edit = tiny_edits(1, seed=3)[0]                      # "What is the capital city of X?"
+    rows = {}
+    for m in (0, 2):
+        editor = LifelongEditor(llama_for(tok, seed=3), tok, CONFIG, dataclasses.replace(FAST, augment=m),
+                                unrelated_prompts=UNRELATED)
+        rows[m] = editor._job(editor.calibration.calibrate([[edit]])[0]).rows
+    assert len(rows[2]) == len(rows[0]) + 2
+    assert [r.ids for r in rows[2][:1]] == [r.ids for r in rows[0][:1]]
+    variants = prompt_variants(edit.prompt, 2)
+    assert variants[0] == "The capital city of " + edit.subject + " is"
+    expected = encode_pairs(tok, variants, [edit.target] * 2)
+    extra = [r for r in rows[2] if r.ids not in [q.ids for q in rows[0]]]
+    assert [r.ids[:len(p.ids)] for r, p in zip(extra, expected)] == [p.ids for p in expected]
+    for r, p in zip(extra, expected):
+        assert r.labels[:p.prompt_len] == [-100] * p.prompt_len       # only the answer is scored
+        assert r.weight == rows[0][0].weight and r.frozen_route == rows[0][0].frozen_route
