@@ -47,6 +47,7 @@ def _editor_config(args) -> tuple:
                                                                   block_size=getattr(args, "block_size", None),
                                                                   negatives=args.negatives,
                                                                   augment=args.augment,
+                                                                  train_dtype=getattr(args, "train_dtype", None),
                                                                   train_chat=not args.no_train_chat)
 
 
@@ -291,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "trained as positives beside it; meant for use with --negatives")
         p.add_argument("--no-train-chat", action="store_true",
                        help="do not also train each edit asked through the tokenizer's chat template")
+        p.add_argument("--train-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                       help="run the frozen layers above the target in this dtype while training "
+                            "(bfloat16: 1.33x faster on an AVX512-BF16 CPU, approximate gradients; "
+                            "default: the model's dtype)")
         p.add_argument("--block-size", type=int, default=None,
                        help="edits trained at the same time (new experts train together, each as if "
                             "alone); default: chosen from free memory; 1 = one expert at a time")
