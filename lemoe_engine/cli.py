@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not also train each edit asked through the tokenizer's chat template")
         p.add_argument("--train-dtype", choices=("float32", "float16", "bfloat16"), default=None,
                        help="run the frozen layers above the target in this dtype while training "
-                            "(bfloat16: 1.33x faster on an AVX512-BF16 CPU, approximate gradients; "
+                            "(bfloat16: 1.33x faster on an AVX512-BF16 CPU, approximate gradients, README; "
                             "default: the model's dtype)")
         p.add_argument("--block-size", type=int, default=None,
                        help="edits trained at the same time (new experts train together, each as if "
