@@ -480,6 +480,7 @@ def _unit3(B, T, D, g):
     (4, 5, 24, 600, 2, 3),         # anchors and experts span several blocks (interpreter: 512)
     (2, 9, 16, 1, 3, 1),           # one expert
     (3, 6, 32, 3, 1, 4),           # top_k > E, one anchor each
+    (2, 7, 300, 5, 2, 2),          # D spans several blocks (interpreter: 256): the D loop
 ])
 def test_pooled_route_matches_float64_and_eager(B, T, D, E, max_anchors, top_k):
     g = gen(23_001 + B * 100 + T + E)

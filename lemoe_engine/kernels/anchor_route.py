@@ -75,6 +75,27 @@ def _merge_tile(s, cols, v0, i0, v1, i1, v2, i2, v3, i3, K: tl.constexpr):
 
 
 @triton.jit
+def _score_tile(q_ptr, q_rows64, q_mask, a_ptr, cols64, col_mask, D, acc,
+                BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc + queries[q_rows] @ anchors[cols].T``, D in steps of ``BLOCK_D`` (masked rows,
+    columns and the D tail read 0): the score tile of both routing kernels when D does not fit
+    one block."""
+    dd = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        d_idx = d0 + dd
+        d_mask = d_idx < D
+        q = tl.load(q_ptr + q_rows64[:, None] * D + d_idx[None, :],
+                    mask=q_mask[:, None] & d_mask[None, :], other=0.0)
+        a = tl.load(a_ptr + cols64[:, None] * D + d_idx[None, :],
+                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(q, tl.trans(a), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _store_topk(ids_ptr, w_ptr, rows64, row_mask, temperature, v0, i0, v1, i1, v2, i2, v3, i3,
                 K: tl.constexpr):
     """Renormalised softmax over the chosen slots (v0 is the largest) and the store of every
@@ -158,17 +179,8 @@ def _anchor_route_kernel(
                 a = a.to(tl.float32)
             acc = tl.dot(q_one, tl.trans(a), acc, input_precision=DOT_PRECISION)
         else:
-            for d0 in range(0, D, BLOCK_D):
-                d_idx = d0 + dd
-                d_mask = d_idx < D
-                q = tl.load(q_ptr + rows64[:, None] * D + d_idx[None, :],
-                            mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                a = tl.load(a_ptr + cols64[:, None] * D + d_idx[None, :],
-                            mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    a = a.to(tl.float32)
-                acc = tl.dot(q, tl.trans(a), acc, input_precision=DOT_PRECISION)
+            acc = _score_tile(q_ptr, rows64, row_mask, a_ptr, cols64, col_mask, D, acc,
+                              BLOCK_D, UPCAST, DOT_PRECISION)
 
         # gate first: an anchor under its threshold, a non-finite score (NaN, +-inf) and a
         # padding column can never be chosen

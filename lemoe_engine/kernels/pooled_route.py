@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ._common import (FLOAT_DTYPES, check_devices, check_tensor, device_guard, is_interpreted,
                       route_dot_precision)
-from .anchor_route import MAX_TOP_K, _merge_tile, _store_topk
+from .anchor_route import MAX_TOP_K, _merge_tile, _score_tile, _store_topk
 
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32,
                torch.float16, torch.bfloat16)
@@ -81,17 +81,8 @@ def _pool_kernel(
                 q = q.to(tl.float32)
             acc = tl.dot(q, tl.trans(a_one), acc, input_precision=DOT_PRECISION)
         else:
-            for d0 in range(0, D, BLOCK_D):
-                d_idx = d0 + dd
-                d_mask = d_idx < D
-                q = tl.load(q_ptr + q_rows[:, None] * D + d_idx[None, :],
-                            mask=tok_ok[:, None] & d_mask[None, :], other=0.0)
-                a = tl.load(a_ptr + cols64[:, None] * D + d_idx[None, :],
-                            mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    a = a.to(tl.float32)
-                acc = tl.dot(q, tl.trans(a), acc, input_precision=DOT_PRECISION)
+            acc = _score_tile(q_ptr, q_rows, tok_ok, a_ptr, cols64, col_mask, D, acc,
+                              BLOCK_D, UPCAST, DOT_PRECISION)
         valid = tok_ok[:, None] & col_mask[None, :]
         is_nan = acc != acc
         nan_seen = nan_seen | tl.max(tl.where(valid & is_nan, 1, 0), axis=0)
