@@ -91,45 +91,38 @@ def _gpu_cols(r: dict) -> list[str]:
     return [_us(r.get("device_us")), _pct(r.get("hbm_fraction")), _pct(r.get("compute_fraction"))]
 
 
-def routing_table(rows: list[dict], gpu: bool) -> list[str]:
-    eager = {(r["shapes"]["S"], r["shapes"]["E"]): r for r in rows if r["backend"] == "eager"}
-    header = ["S", "E", "d", "top_k", "backend", "median µs"]
+def _routing_rows(rows: list[dict], gpu: bool, size: str, columns: list[tuple[str, str]],
+                  checked_of) -> list[str]:
+    """One routing table: a row per case, sorted by (``size``, E, triton first); ``columns``
+    are (header, shapes key) pairs; GPU tables add device time, fractions and the speed-up over
+    the eager row of the same (``size``, E); ``checked_of(shapes)`` is the rows-checked total."""
+    eager = {(r["shapes"][size], r["shapes"]["E"]): r for r in rows if r["backend"] == "eager"}
+    header = [h for h, _ in columns] + ["backend", "median µs"]
     if gpu:
         header += ["device µs", "% copy BW", "% fp32 matmul", "vs eager"]
     header += ["rows checked", "max weight err"]
     out = []
-    for r in sorted(rows, key=lambda r: (r["shapes"]["S"], r["shapes"]["E"], r["backend"] != "triton")):
+    for r in sorted(rows, key=lambda r: (r["shapes"][size], r["shapes"]["E"], r["backend"] != "triton")):
         s, c = r["shapes"], r["checks"]
-        line = [str(s["S"]), str(s["E"]), str(s["d"]), str(s["top_k"]), r["backend"], _us(r["median_us"])]
+        line = [str(s[key]) for _, key in columns] + [r["backend"], _us(r["median_us"])]
         if gpu:
-            ref = eager.get((s["S"], s["E"]))
+            ref = eager.get((s[size], s["E"]))
             ratio = (f"{ref['median_us'] / r['median_us']:.1f}x faster"
                      if r["backend"] == "triton" and ref else "-")
             line += _gpu_cols(r) + [ratio]
-        line += [f"{c.get('rows_checked', '-')}/{s['S']}", _err(c.get("max_weight_err"))]
+        line += [f"{c.get('rows_checked', '-')}/{checked_of(s)}", _err(c.get("max_weight_err"))]
         out.append(line)
     return _table(header, out)
+
+
+def routing_table(rows: list[dict], gpu: bool) -> list[str]:
+    return _routing_rows(rows, gpu, "S", [("S", "S"), ("E", "E"), ("d", "d"), ("top_k", "top_k")],
+                         lambda s: s["S"])
 
 
 def routing_default_table(rows: list[dict], gpu: bool) -> list[str]:
-    eager = {(r["shapes"]["T"], r["shapes"]["E"]): r for r in rows if r["backend"] == "eager"}
-    header = ["prompt tokens T", "experts E", "anchors M", "d", "top_k", "backend", "median µs"]
-    if gpu:
-        header += ["device µs", "% copy BW", "% fp32 matmul", "vs eager"]
-    header += ["rows checked", "max weight err"]
-    out = []
-    for r in sorted(rows, key=lambda r: (r["shapes"]["T"], r["shapes"]["E"], r["backend"] != "triton")):
-        s, c = r["shapes"], r["checks"]
-        line = [str(s["T"]), str(s["E"]), str(s["M"]), str(s["d"]), str(s["top_k"]), r["backend"],
-                _us(r["median_us"])]
-        if gpu:
-            ref = eager.get((s["T"], s["E"]))
-            ratio = (f"{ref['median_us'] / r['median_us']:.1f}x faster"
-                     if r["backend"] == "triton" and ref else "-")
-            line += _gpu_cols(r) + [ratio]
-        line += [f"{c.get('rows_checked', '-')}/{s.get('B', 1)}", _err(c.get("max_weight_err"))]
-        out.append(line)
-    return _table(header, out)
+    return _routing_rows(rows, gpu, "T", [("prompt tokens T", "T"), ("experts E", "E"), ("anchors M", "M"),
+                                          ("d", "d"), ("top_k", "top_k")], lambda s: s.get("B", 1))
 
 
 def layer_table(rows: list[dict], gpu: bool) -> list[str]:
