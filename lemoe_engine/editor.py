@@ -36,7 +36,7 @@ from .planner import check_plan, plan_order
 from .storage import check_save_target, save
 from .evaluation import chat_text, greedy_token_ids
 from .negatives import negative_prompts, subject_of
-from .tokens import encode_pairs, pad_id, special_prefix
+from .tokens import encode_pairs, special_prefix
 from .training import (BaseKL, BlockTrainer, ExpertJob, JobResult, TargetNLL, TrainRow, auto_block_size,
                        editing_attention)
 
@@ -168,7 +168,6 @@ class LifelongEditor:
         self.last_run: dict = {}  # how the last run trained: block size, cached-tail path, forward passes
         model.requires_grad_(False)
         self.device = next(model.parameters()).device
-        self.pad_id = pad_id(tokenizer)
 
     # ------------------------------------------------- queries (``calibration``)
     @property
