@@ -291,16 +291,20 @@ class LEMoELayer(nn.Module):
         return routing.anchor_scores(self.config, self.query_encoder, self.anchors, self.token_vectors(x),
                                      self.prompt_mask(x))
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert ids and weights per token, [B*T, top_k] each."""
+    def route(self, x: torch.Tensor, store: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids and weights per token, [B*T, top_k] each.
+
+        Sequence routing keeps a fresh route for the decode steps that follow (``store``); a
+        caller routing a batch outside the model's own forward (a serving scheduler) passes
+        ``store=False`` so the kept route is left as it was."""
         batch, length = x.shape[0], x.shape[1]
-        reuse = (self.config.routing == "sequence" and self._context.continuing
+        reuse = (store and self.config.routing == "sequence" and self._context.continuing
                  and self._sequence_route is not None and self._sequence_route[0].shape[0] == batch)
         if reuse:
             ids, weights = self._sequence_route
         else:
             ids, weights = self._route(x)
-            if self.config.routing == "sequence":
+            if self.config.routing == "sequence" and store:
                 ids, weights = self._keep_sequence_route(ids, weights)
         if self.config.routing == "sequence":
             k = ids.shape[1]
@@ -390,24 +394,34 @@ class LEMoELayer(nn.Module):
         if self.num_experts == 0 or self.disabled:
             return out
         ids, weights = self.route(x)
+        return self.apply_experts(x, out, ids, weights, sequence_layout=True)
+
+    def apply_experts(self, x: torch.Tensor, out: torch.Tensor, ids: torch.Tensor,
+                      weights: torch.Tensor, sequence_layout: bool = False) -> torch.Tensor:
+        """``out[n] += scale * sum_j weights[n, j] * f_{ids[n, j]}(x[n])`` over the flattened
+        tokens of ``x`` / ``out`` ([..., d]; ``ids`` / ``weights`` [N, top_k], -1 = no expert):
+        the fused kernel on the kernel path, the eager reference elsewhere. Returns the result
+        (shaped like ``out``; use it, ``out`` itself may be left unchanged).
+        ``sequence_layout``: ``x`` is the [B, T, d] batch of the kept sequence route, whose
+        grouped order a decode step reuses (``LEMoELayer.forward``)."""
+        shape = out.shape
+        flat_x = x.reshape(-1, x.shape[-1])
         if self._use_kernels(x):
             from .kernels import grouped_expert_ffn
             # the kernel adds into ``out`` in place: a non-contiguous base output would be
             # reshaped into a copy and the experts' contribution lost
             out = out.contiguous()
             experts = self._kernel_experts()
-            layout = self._decode_layout(x, experts["w_up"])
-            grouped_expert_ffn(x.reshape(-1, x.shape[-1]).contiguous(), ids, weights, experts["w_up"],
-                               experts["w_gate"], experts["w_down"], self.config.expert_activation,
-                               out.view(-1, out.shape[-1]), self.config.scale, layout=layout)
+            layout = self._decode_layout(x, experts["w_up"]) if sequence_layout else None
+            grouped_expert_ffn(flat_x.contiguous(), ids, weights, experts["w_up"], experts["w_gate"],
+                               experts["w_down"], self.config.expert_activation, out.view(-1, shape[-1]),
+                               self.config.scale, layout=layout)
             return out
-        flat_x = x.reshape(-1, x.shape[-1])
-        flat_out = out.reshape(-1, out.shape[-1])
         experts = self.expert_weights()
         flat_out = expert_ffn_reference(flat_x, ids, weights, experts["w_up"], experts.get("w_gate"),
-                                        experts["w_down"], self.config.expert_activation, flat_out,
-                                        self.config.scale)
-        return flat_out.reshape(out.shape)
+                                        experts["w_down"], self.config.expert_activation,
+                                        out.reshape(-1, shape[-1]), self.config.scale)
+        return flat_out.reshape(shape)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.config.expert_hidden}, "

@@ -31,7 +31,6 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from ..experts import expert_ffn_reference
 from ..layer import LEMoELayer, RouteContext
 
 
@@ -178,23 +177,12 @@ class RequestRouter:
         layer = self.layer
         layer.set_route_context(RouteContext(attention_mask=mask, embeddings=vs, continuing=False))
         try:
-            return layer.route(xs)
+            return layer.route(xs, store=False)
         finally:
             layer.set_route_context(RouteContext())
-            layer._sequence_route = None
 
     def add_experts(self, x: torch.Tensor, out: torch.Tensor, ids: torch.Tensor,
                     weights: torch.Tensor) -> torch.Tensor:
-        """``out[n] += scale * sum_j weights[n, j] * f_{ids[n, j]}(x[n])`` (kernel on CUDA)."""
-        layer = self.layer
-        cfg = layer.config
-        if layer._use_kernels(x):
-            from ..kernels import grouped_expert_ffn
-            # as LEMoELayer.forward: H padded to a multiple of 16, and a contiguous ``out`` (the
-            # kernel adds in place; into a non-contiguous view the add would be lost)
-            experts = layer._kernel_experts()
-            return grouped_expert_ffn(x.contiguous(), ids, weights, experts["w_up"], experts["w_gate"],
-                                      experts["w_down"], cfg.expert_activation, out.contiguous(), cfg.scale)
-        experts = layer.expert_weights()
-        return expert_ffn_reference(x, ids, weights, experts["w_up"], experts.get("w_gate"),
-                                    experts["w_down"], cfg.expert_activation, out, cfg.scale)
+        """``out[n] += scale * sum_j weights[n, j] * f_{ids[n, j]}(x[n])`` (``LEMoELayer.apply_experts``:
+        the kernel on CUDA, the eager reference elsewhere)."""
+        return self.layer.apply_experts(x, out, ids, weights)
