@@ -231,14 +231,16 @@ class LifelongEditor:
         """Same-subject prompts from the negative bank for the expert's subjects, and the prompts
         of the edits being removed (``remove``: every expert it rebuilds learns to leave them
         alone, whichever of them they would reach)."""
-        subjects: dict[str, list[str]] = {}
+        subjects: dict[str, list] = {}
         for edit in calibrated.edits:
             subject = subject_of(edit)
             if subject:
-                subjects.setdefault(subject, []).extend([edit.prompt, edit.rephrase])
+                subjects.setdefault(subject, []).append(edit)
         prompts: list[str] = []
-        for subject, texts in subjects.items():
-            prompts += negative_prompts(subject, texts, self.editor_config.negatives)
+        for subject, edits in subjects.items():
+            texts = [text for edit in edits for text in (edit.prompt, edit.rephrase)]
+            prompts += negative_prompts(subject, texts, self.editor_config.negatives,
+                                        relations=[getattr(edit, "relation", None) for edit in edits])
         return list(dict.fromkeys(prompts + self._forget))
 
     def _prepare_negatives(self, calibrated: Sequence[Calibrated]) -> None:

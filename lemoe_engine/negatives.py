@@ -10,7 +10,8 @@ They come from a generic template bank (people, places, organisations, works, sp
 for this purpose and disjoint from every template of the bundled edit set (edit, paraphrase and
 scored specificity prompts alike: a test checks it), as the gate's unrelated pool is disjoint
 from the scored locality prompts. A template that shares a content word with any edit of the
-expert (its prompt or paraphrase) is skipped, so a negative never asks the edited relation.
+expert (its prompt or paraphrase) is skipped, and so is one tagged with the relation an edit
+names (its ``relation`` field), so a negative does not ask the edited relation in other words.
 """
 
 from __future__ import annotations
@@ -20,42 +21,44 @@ import re
 import zlib
 from typing import Iterable, Optional, Sequence
 
-TEMPLATES = (
+# template -> words of the relations it asks (matched against an edit's ``relation``)
+TEMPLATE_RELATIONS = {
     # any subject
-    "Tell me about {s}.",
-    "Give a short description of {s}.",
-    "What is {s} best known for?",
-    "What kind of thing is {s}?",
-    "Why is {s} famous?",
-    "What should everyone know about {s}?",
+    "Tell me about {s}.": (),
+    "Give a short description of {s}.": (),
+    "What is {s} best known for?": (),
+    "What kind of thing is {s}?": ("instance", "type", "class"),
+    "Why is {s} famous?": (),
+    "What should everyone know about {s}?": (),
     # places
-    "Where exactly is {s}?",
-    "How many people live in {s}?",
-    "Which city hosts the government of {s}?",
-    "What money do shoppers in {s} spend?",
-    "What tongue do most residents of {s} use?",
-    "Which part of the world contains {s}?",
-    "How are citizens of {s} described?",
-    "What number must you dial before calling {s}?",
-    "Which suffix ends web addresses in {s}?",
-    "What is the weather usually like in {s}?",
-    "Who governs {s} today?",
+    "Where exactly is {s}?": ("location", "located", "continent", "region", "country"),
+    "How many people live in {s}?": ("population",),
+    "Which city hosts the government of {s}?": ("capital", "seat"),
+    "What money do shoppers in {s} spend?": ("currency", "money"),
+    "What tongue do most residents of {s} use?": ("language", "languages", "tongue"),
+    "Which part of the world contains {s}?": ("continent", "region", "location"),
+    "How are citizens of {s} described?": ("demonym", "nationality", "citizens"),
+    "What number must you dial before calling {s}?": ("calling", "dialling", "dialing", "phone"),
+    "Which suffix ends web addresses in {s}?": ("tld", "domain", "internet"),
+    "What is the weather usually like in {s}?": ("climate", "weather"),
+    "Who governs {s} today?": ("head", "leader", "government", "governor", "president"),
     # people
-    "In which year was {s} born?",
-    "What did {s} do for a living?",
-    "Which country did {s} come from?",
-    "Where did {s} grow up?",
-    "Who were the parents of {s}?",
-    "When did {s} die?",
+    "In which year was {s} born?": ("birth", "born", "birthdate"),
+    "What did {s} do for a living?": ("occupation", "profession", "job", "employment"),
+    "Which country did {s} come from?": ("country", "citizenship", "nationality", "origin"),
+    "Where did {s} grow up?": ("birthplace", "residence", "birth", "origin"),
+    "Who were the parents of {s}?": ("parent", "parents", "father", "mother"),
+    "When did {s} die?": ("death", "died", "deathdate"),
     # organisations, works, species
-    "Who started {s}?",
-    "Where are the offices of {s}?",
-    "Who created {s}?",
-    "When did {s} first appear?",
-    "Which genre does {s} belong to?",
-    "What habitat does {s} live in?",
-    "Which taxonomic order includes {s}?",
-)
+    "Who started {s}?": ("founder", "founded", "founders"),
+    "Where are the offices of {s}?": ("headquarters", "headquartered", "offices", "location"),
+    "Who created {s}?": ("creator", "author", "developer", "designer", "founder"),
+    "When did {s} first appear?": ("inception", "release", "publication", "founded"),
+    "Which genre does {s} belong to?": ("genre",),
+    "What habitat does {s} live in?": ("habitat",),
+    "Which taxonomic order includes {s}?": ("taxon", "order", "taxonomy", "parent"),
+}
+TEMPLATES = tuple(TEMPLATE_RELATIONS)
 
 _STOP = frozenset("""a an the of in on at to by for from with about and or is are was were be been do does did
 what which who whom whose when where why how name tell give me you your it its this that there their
@@ -69,12 +72,17 @@ def _stems(text: str, skip: Iterable[str] = ()) -> set[str]:
 
 
 def negative_prompts(subject: str, edit_texts: Sequence[str], count: int,
-                     extra: Sequence[str] = ()) -> list[str]:
+                     extra: Sequence[str] = (), relations: Iterable[Optional[str]] = ()) -> list[str]:
     """``count`` bank prompts about ``subject`` that share no content word with ``edit_texts``
-    (the prompts and paraphrases the expert is trained to change), chosen deterministically per
-    subject; then ``extra`` prompts (e.g. removed edits' prompts), always kept."""
+    (the prompts and paraphrases the expert is trained to change) and do not ask any of
+    ``relations`` (the edits' ``relation`` fields, when the data names them: "What tongue do most
+    residents of X use?" shares no word with "Which language is official in X?" yet asks it),
+    chosen deterministically per subject; then ``extra`` prompts (e.g. removed edits' prompts),
+    always kept."""
     taken = set().union(*(_stems(t, skip=[subject]) for t in edit_texts)) if edit_texts else set()
-    usable = [t for t in TEMPLATES if not (_stems(t) & taken)]
+    asked = {w for r in relations if r for w in re.findall(r"[a-z]+", r.lower())}
+    usable = [t for t, tags in TEMPLATE_RELATIONS.items()
+              if not (_stems(t) & taken) and not (asked & set(tags))]
     if count <= 0 or not usable:
         return list(extra)
     picked = random.Random(zlib.crc32(subject.lower().encode())).sample(usable, min(count, len(usable)))

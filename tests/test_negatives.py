@@ -40,3 +40,19 @@ def test_subject_falls_back_to_the_guess():
         prompt = "What university did Watts Humphrey attend?"
         subject = None
     assert subject_of(Edit()) == "Watts Humphrey"
+
+
+def test_negatives_skip_templates_asking_the_named_relation_in_other_words():
+    # "tongue" shares no word with the language edit, so only the relation tag can keep it out
+    texts = ["Which language is official in Peru?", "What is the official language of Peru?"]
+    tongue = "What tongue do most residents of Peru use?"
+    assert tongue in negative_prompts("Peru", texts, len(TEMPLATES))
+    assert tongue not in negative_prompts("Peru", texts, len(TEMPLATES), relations=["language"])
+    # every relation of the bundled set is known to the bank: some template is tagged with it
+    edits = load_edits(BUNDLED_EDITS)
+    for relation in {e.relation for e in edits}:
+        everything = negative_prompts("X", [], len(TEMPLATES))
+        kept = negative_prompts("X", [], len(TEMPLATES), relations=[relation])
+        assert len(kept) < len(everything), relation
+    # None relations (records without the field) change nothing
+    assert negative_prompts("Peru", texts, 5, relations=[None]) == negative_prompts("Peru", texts, 5)
