@@ -197,7 +197,10 @@ SHAPES_TEXT = {
                "edits; the same edits edited twice from the unedited model in one process, one expert at a time "
                "(`EditorConfig(block_size=1)`) and in automatic blocks; wall time of `LifelongEditor.edit` "
                "(planning, calibration, training); quality: teacher-forced reliability / generality / locality "
-               "(`lemoe_engine.evaluation.evaluate`), which must agree within 0.01. Case `llama7b` (GPU): a "
+               "(`lemoe_engine.evaluation.evaluate`), which must agree within 0.01. The last column (when run, "
+               "`LEMOE_BENCH_EDITING_SPAN_PROMPT=1`): a third run in the same process, blocked, with experts on "
+               "every token of a routed prompt (the paper's span and adaptor format 2), against the default "
+               "`expert_span='key'` (experts from their key token on). Case `llama7b` (GPU): a "
                "LLaMA-2-7B-shaped model with random bf16 weights and T made-up edits with distinct subjects "
                "(one expert each), blocked only, stop rule on the target's argmax (a random model cannot "
                "reach a low loss); its locality and generality say little (a random model's query vectors "
@@ -205,7 +208,8 @@ SHAPES_TEXT = {
 }
 def editing_table(rows: list[dict], gpu: bool) -> list[str]:
     header = ["case", "T", "experts", "block", "one at a time", "blocked", "edits/s (1 / blocked)", "ratio",
-              "quality one at a time (rel/gen/loc)", "quality blocked (rel/gen/loc)"]
+              "quality one at a time (rel/gen/loc)", "quality blocked (rel/gen/loc)",
+              "blocked, experts on every token (`expert_span='prompt'`): time, quality"]
 
     def quality(q):
         return "/".join(f"{q[k]:.3f}" for k in ("reliability", "generality", "locality")) if q else "-"
@@ -220,7 +224,10 @@ def editing_table(rows: list[dict], gpu: bool) -> list[str]:
         out.append([r["case"], str(t), str(r.get("experts", r["shapes"].get("experts", "-"))),
                     str(r.get("block_size", "-")), secs(seq), secs(blk), rate,
                     f"{r['ratio']:.2f}x" if r.get("ratio") else "-",
-                    quality(r.get("quality_one_at_a_time")), quality(r.get("quality_blocked"))])
+                    quality(r.get("quality_one_at_a_time")), quality(r.get("quality_blocked")),
+                    "-" if r.get("seconds_blocked_span_prompt") is None else
+                    f"{secs(r['seconds_blocked_span_prompt'])} ({r['ratio_span_key_vs_prompt']:.2f}x the default's), "
+                    f"{quality(r.get('quality_blocked_span_prompt'))}"])
     return _table(header, out)
 
 

@@ -8,8 +8,9 @@ at a time, measured side by side in one process, with the quality of both runs.
   before blocks) and the default automatic block. Figures: editing wall time (``edit`` from
   planning to the last frozen expert), edits/s, the ratio, and teacher-forced reliability /
   generality / locality of both (``lemoe_engine.evaluation.evaluate``) that must agree within
-  0.01 (``LEMOE_BENCH_EDITING_BF16=1`` adds a third run, blocked with
-  ``train_dtype="bfloat16"``, reported beside them). It runs only when timing is on (``pytest benchmarks``) or ``LEMOE_BENCH_EDITING=1``:
+  0.01 (``LEMOE_BENCH_EDITING_BF16=1`` adds a run blocked with ``train_dtype="bfloat16"``,
+  ``LEMOE_BENCH_EDITING_SPAN_PROMPT=1`` one blocked with ``expert_span="prompt"`` (experts on
+  every token, as before format 3), reported beside them). It runs only when timing is on (``pytest benchmarks``) or ``LEMOE_BENCH_EDITING=1``:
   under ``--benchmark-disable`` (CI) it is skipped with a reason, as it takes minutes.
 * ``tiny`` (always, also in CI): the same comparison on a tiny random Llama (8 edits): both
   runs must give the same routing, steps and (within tolerance) losses.
@@ -87,9 +88,10 @@ def test_editing_bundled_blocked_vs_one_at_a_time(benchmark, bench_rows, request
     reference = locality_reference(model, tokenizer, edits, progress=False)
     results = {}
 
-    def run(name, block_size, train_dtype=None):
+    def run(name, block_size, train_dtype=None, config=None):
         editor, reports, seconds = _edit(model, tokenizer, edits,
-                                         EditorConfig(block_size=block_size, train_dtype=train_dtype), LEMoEConfig())
+                                         EditorConfig(block_size=block_size, train_dtype=train_dtype),
+                                         config or LEMoEConfig())
         metrics = evaluate(model, tokenizer, edits, locality_ref=reference, progress=False)
         results[name] = dict(seconds=seconds, reports=reports, metrics=metrics,
                              block=editor.last_run.get("block_size"), steps=sum(r.steps for r in reports),
@@ -103,6 +105,8 @@ def test_editing_bundled_blocked_vs_one_at_a_time(benchmark, bench_rows, request
         modes = modes[1:]
     if os.environ.get("LEMOE_BENCH_EDITING_BF16") == "1":  # also: blocked with a bf16 tail (not the default)
         run("blocked_bf16", None, "bfloat16")
+    if os.environ.get("LEMOE_BENCH_EDITING_SPAN_PROMPT") == "1":  # also: experts on every token (the paper)
+        run("blocked_span_prompt", None, config=LEMoEConfig(expert_span="prompt"))
     for name, block_size in modes[:-1]:
         run(name, block_size)
     benchmark.pedantic(run, args=modes[-1], rounds=1, iterations=1)
@@ -124,6 +128,10 @@ def test_editing_bundled_blocked_vs_one_at_a_time(benchmark, bench_rows, request
     if bf16 is not None:
         row.update(seconds_blocked_bf16=bf16["seconds"], quality_blocked_bf16=_quality(bf16["metrics"]),
                    steps_blocked_bf16=bf16["steps"])
+    span = results.get("blocked_span_prompt")
+    if span is not None:
+        row.update(seconds_blocked_span_prompt=span["seconds"], quality_blocked_span_prompt=_quality(span["metrics"]),
+                   steps_blocked_span_prompt=span["steps"], ratio_span_key_vs_prompt=span["seconds"] / blk["seconds"])
     print(f"\nediting T={limit}: " + ", ".join(f"{k}={v}" for k, v in row.items()))
     bench_rows.add(benchmark, section="editing", case=f"bundled-T{limit}", backend="blocked",
                    dtype=torch.float32, shapes={"model": "smollm2-135m", "T": limit}, checks=checks,

@@ -43,6 +43,8 @@ def _editor_config(args) -> tuple:
         overrides["layer"] = args.layer
     if getattr(args, "expert_hidden", None) is not None:
         overrides["expert_hidden"] = args.expert_hidden
+    if getattr(args, "expert_span", None) is not None:
+        overrides["expert_span"] = args.expert_span
     return LEMoEConfig(seed=args.seed, **overrides), EditorConfig(train_eos=not args.no_train_eos,
                                                                   block_size=getattr(args, "block_size", None),
                                                                   negatives=args.negatives,
@@ -136,9 +138,9 @@ def cmd_edit(args) -> int:
     from .errors import ConfigError
     from .storage import adaptor_lock, check_save_target
 
-    if args.adaptor and (args.layer is not None or args.expert_hidden is not None):
-        raise ConfigError("--layer and --expert-hidden cannot change an existing adaptor "
-                          "(--adaptor): its new experts keep its shape")
+    if args.adaptor and (args.layer is not None or args.expert_hidden is not None or args.expert_span is not None):
+        raise ConfigError("--layer, --expert-hidden and --expert-span cannot change an existing adaptor "
+                          "(--adaptor): its new experts keep its config")
     edits = load_edit_file(args.edits, limit=args.limit, skip_invalid=args.skip_invalid)
     check_save_target(args.out)  # before the model loads: never edit for minutes, then refuse to save
     if args.unrelated:
@@ -273,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     def editing_args(p, limit_default=None):
         p.add_argument("--layer", type=int, default=None, help="decoder layer to edit (default: 18/32 of depth)")
         p.add_argument("--expert-hidden", type=int, default=None, help="expert FFN width")
+        p.add_argument("--expert-span", choices=("key", "prompt"), default=None,
+                       help="tokens an expert acts on: from its matched key token on (default), or "
+                            "every prompt token (the paper)")
         from .editor import DEFAULT_BATCH_SIZE, DEFAULT_PLAN
         from .planner import PLANS
         p.add_argument("--plan", choices=PLANS, default=DEFAULT_PLAN,

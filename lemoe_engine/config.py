@@ -14,6 +14,7 @@ ACTIVATIONS = ("silu", "gelu", "relu")
 ROUTINGS = ("sequence", "token")
 QUERY_SOURCES = ("embedding", "hidden", "layerN")
 QUERY_POOLINGS = ("mean", "max")
+EXPERT_SPANS = ("prompt", "key")
 BACKENDS = ("auto", "eager", "triton")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_TOP_K = 4  # the routing kernel keeps a running top-k of at most this many slots
@@ -53,6 +54,13 @@ class LEMoEConfig:
     """Sequence routing only. 'mean': one query per input, the mean over its prompt tokens
     (the paper); 'max': each prompt token is a query and an anchor scores by its best-matching
     token (late interaction), so an input mentioning an edited subject in any wording finds it."""
+    expert_span: str = "key"
+    """Tokens a routed sequence's experts act on. 'key': from the prompt token whose query best
+    matches the expert's anchors (its key, e.g. the subject's last token) onwards, so a prompt's
+    lead-in (a chat template's system turn, words before the subject) keeps the base model's
+    states, and editing computes them once instead of at every training step; 'prompt': every
+    token (the paper). 'key' needs max pooling; with mean pooling there is no matched token
+    and experts act on every token either way. Adaptors saved before format 3 load as 'prompt'."""
     query_hidden: int = 0
     """Width r of the query projection v = W_up SiLU(W_down (e - center)); 0 = no projection."""
     key_dim: int = 256
@@ -97,6 +105,8 @@ class LEMoEConfig:
              f"query_source must be 'embedding', 'hidden' or 'layerN' (e.g. 'layer4'), got {self.query_source!r}")
         need(self.query_pooling in QUERY_POOLINGS,
              f"query_pooling must be one of {QUERY_POOLINGS}, got {self.query_pooling!r}")
+        need(self.expert_span in EXPERT_SPANS,
+             f"expert_span must be one of {EXPERT_SPANS}, got {self.expert_span!r}")
         need(is_int(self.query_hidden) and self.query_hidden >= 0,
              f"query_hidden must be an int >= 0 (0 disables the projection), got {self.query_hidden!r}")
         need(is_int(self.key_dim) and self.key_dim > 0,
@@ -147,6 +157,11 @@ class LEMoEConfig:
     def query_layer(self) -> Optional[int]:
         """Decoder layer whose input feeds the queries ('layerN'), else None."""
         return int(self.query_source[5:]) if self.query_source.startswith("layer") else None
+
+    @property
+    def acts_from_key(self) -> bool:
+        """Experts start at their matched prompt token (``expert_span='key'`` with max pooling)."""
+        return self.expert_span == "key" and self.routing == "sequence" and self.query_pooling == "max"
 
     def anchor_dim(self, hidden_size: int) -> int:
         """Dimension of queries and anchors for a base model of width ``hidden_size``."""

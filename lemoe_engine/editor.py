@@ -225,7 +225,8 @@ class LifelongEditor:
         weights = init_expert(layer.hidden_size, layer.config.expert_hidden, layer.config.expert_gated,
                               seed=layer.config.seed * 1_000_003 + calibrated.expert, device=self.device,
                               dtype=layer.expert_dtype)
-        return ExpertJob(weights={name: w.float() for name, w in weights.items()}, rows=rows)
+        return ExpertJob(weights={name: w.float() for name, w in weights.items()}, rows=rows,
+                         anchors=calibrated.anchors)
 
     def _negative_prompts(self, calibrated: Calibrated) -> list[str]:
         """Same-subject prompts from the negative bank for the expert's subjects, and the prompts
@@ -352,7 +353,8 @@ class LifelongEditor:
 
         try:
             trainer.run(jobs, on_done)
-            self.last_run = {"block_size": block, "tail_path": trainer.mode != "full", "passes": trainer.passes}
+            self.last_run = {"block_size": block, "tail_path": trainer.mode != "full", "mode": trainer.mode,
+                             "passes": trainer.passes}
         except BaseException:
             commit()
             if save_to is not None and layer.num_experts:

@@ -81,7 +81,7 @@ class LEMoELayer(nn.Module):
         # the grouped order of the sequence route for the FFN kernels: (key, GroupedLayout)
         self._route_layout: Optional[tuple[Any, Any]] = None
         self._route_layout_stale = True
-        self._expert_start_cache: Optional[tuple[Any, torch.Tensor]] = None
+        self._expert_start_cache: Optional[tuple[Any, tuple[torch.Tensor, int]]] = None
 
     # ------------------------------------------------------------------ experts
     @property
@@ -300,18 +300,35 @@ class LEMoELayer(nn.Module):
         batch, length = x.shape[0], x.shape[1]
         reuse = (store and self.config.routing == "sequence" and self._context.continuing
                  and self._sequence_route is not None and self._sequence_route[0].shape[0] == batch)
-        if reuse:
+        starts = None
+        if reuse:  # decode steps: every token comes after the prompt, so after any key
             ids, weights = self._sequence_route
         else:
             ids, weights = self._route(x)
+            if self.config.acts_from_key and self.num_experts:
+                starts = self.key_positions(x, ids)
             if self.config.routing == "sequence" and store:
                 ids, weights = self._keep_sequence_route(ids, weights)
         if self.config.routing == "sequence":
             k = ids.shape[1]
+            ids = ids[:, None, :].expand(batch, length, k)
+            weights = weights[:, None, :].expand(batch, length, k)
+            if starts is not None:  # expert_span='key': no expert before its matched token
+                after = torch.arange(length, device=ids.device)[None, :, None] >= starts[:, None, :]
+                ids = torch.where(after, ids, torch.full_like(ids, -1))
+                weights = torch.where(after, weights, torch.zeros_like(weights))
             # contiguous: for one sequence the reshape is a stride-0 view, which the kernels refuse
-            ids = ids[:, None, :].expand(batch, length, k).reshape(-1, k).contiguous()
-            weights = weights[:, None, :].expand(batch, length, k).reshape(-1, k).contiguous()
+            ids = ids.reshape(-1, k).contiguous()
+            weights = weights.reshape(-1, k).contiguous()
         return ids, weights
+
+    def key_positions(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """For a sequence route ``ids`` [B, k] of batch ``x``, the prompt position from which each
+        slot's expert acts (``expert_span='key'``): the token whose query best matches that
+        expert's anchors (``routing.expert_key_positions``), int64 [B, k]."""
+        start, max_anchors = self._anchor_layout()
+        return routing.expert_key_positions(self.query_encoder, self.anchors, start, max_anchors,
+                                            self.token_vectors(x), self.prompt_mask(x), ids)
 
     def _keep_sequence_route(self, ids: torch.Tensor, weights: torch.Tensor):
         """Store a fresh sequence route in persistent buffers: a route of the same shape is
@@ -342,10 +359,17 @@ class LEMoELayer(nn.Module):
 
     def _expert_start(self) -> torch.Tensor:
         """``routing.expert_starts`` of the anchors, cached until the anchor table changes."""
+        return self._anchor_layout()[0]
+
+    def _anchor_layout(self) -> tuple[torch.Tensor, int]:
+        """(``routing.expert_starts``, the most anchors one expert owns), cached until the anchor
+        table changes (the count is read on the host once per change, never per call)."""
         owner = self.anchor_expert
         key = (owner.data_ptr(), owner._version, owner.shape[0], self.num_experts, owner.device)
         if self._expert_start_cache is None or self._expert_start_cache[0] != key:
-            self._expert_start_cache = (key, routing.expert_starts(owner, self.num_experts))
+            start = routing.expert_starts(owner, self.num_experts)
+            most = int((start[1:] - start[:-1]).max()) if self.num_experts else 0
+            self._expert_start_cache = (key, (start, most))
         return self._expert_start_cache[1]
 
     # ------------------------------------------------------------------ forward

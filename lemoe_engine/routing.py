@@ -148,6 +148,46 @@ def route_eager(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Tenso
                         num_experts, config.top_k, config.temperature)
 
 
+def best_match_position(queries: torch.Tensor, anchors: torch.Tensor,
+                        token_mask: Optional[torch.Tensor] = None,
+                        anchor_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Index of the token whose query best matches any of the anchors, [B] (int64): queries
+    [B, T, key], anchors [B, A, key] (unit-norm), ``token_mask`` [B, T] (the prompt),
+    ``anchor_mask`` [B, A] (which anchors count). Ties go to the earliest token; a row with no
+    token or no anchor gets 0. The one rule for ``expert_span='key'``: the layer applies it to
+    a served route's experts, the trainer to each training row."""
+    scores = torch.einsum("btd,bad->bta", queries.float(), anchors.float())
+    if anchor_mask is not None:
+        scores = scores.masked_fill(~anchor_mask.bool()[:, None, :], float("-inf"))
+    best = scores.amax(dim=2) if scores.shape[2] else scores.new_full(scores.shape[:2], float("-inf"))
+    if token_mask is not None:
+        best = best.masked_fill(token_mask.to(best.device) == 0, float("-inf"))
+    best = torch.nan_to_num(best, nan=float("-inf"))
+    return best.argmax(dim=1)
+
+
+def expert_key_positions(encoder: QueryEncoder, anchors: torch.Tensor, expert_start: torch.Tensor,
+                         max_anchors: int, vectors: torch.Tensor, mask: Optional[torch.Tensor],
+                         ids: torch.Tensor) -> torch.Tensor:
+    """Per sequence route slot, the prompt position where its expert's key matched: int64
+    [B, k] (``best_match_position`` of the prompt's token queries against the expert's own
+    anchors; empty slots: 0). ``expert_start`` as ``expert_starts``; ``max_anchors`` the most
+    anchors an expert owns."""
+    batch, k = ids.shape
+    queries = encoder(vectors)                                              # [B, T, key]
+    expert = ids.long().clamp_min(0)
+    first = expert_start.long()[expert]                                     # [B, k]
+    count = expert_start.long()[expert + 1] - first
+    offset = torch.arange(max(max_anchors, 1), device=ids.device)
+    rows = (first[..., None] + offset).clamp_max(max(anchors.shape[0] - 1, 0))
+    owned = (offset < count[..., None]) & (ids[..., None] >= 0)             # [B, k, A]
+    chosen = anchors[rows.reshape(-1)].reshape(batch * k, offset.numel(), anchors.shape[1])
+    tokens = None if mask is None else mask.repeat_interleave(k, dim=0)
+    position = best_match_position(queries.repeat_interleave(k, dim=0), chosen, tokens,
+                                   owned.reshape(batch * k, -1))
+    return position.reshape(batch, k)
+
+
 def expert_starts(anchor_expert: torch.Tensor, num_experts: int) -> torch.Tensor:
     """int32 [E + 1]: expert e owns anchor rows [start[e], start[e + 1]) (anchors are stored in
     expert order). Device ops only, no host synchronisation."""

@@ -38,10 +38,12 @@ from .layer import LEMoELayer
 from .ledger import entries_from_manifest
 from .patching import attach, base_identity, find_layer
 
-FORMAT_VERSION = 2
-"""Version written. 2 added ``revision``, ``manifest_sha256`` and the edit ledger (``edits``);
-version 1 still loads (with an empty ledger)."""
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+"""Version written. 3 added ``config.expert_span`` (experts act from their key token on, by
+default); versions 1-2 load with ``expert_span='prompt'``, the only behaviour they knew. 2 added
+``revision``, ``manifest_sha256`` and the edit ledger (``edits``); version 1 loads with an empty
+ledger."""
+READABLE_VERSIONS = (1, 2, 3)
 TENSORS_FILE = "adaptor.safetensors"
 MANIFEST_FILE = "adaptor.json"
 ADAPTOR_FILES = (MANIFEST_FILE, TENSORS_FILE)
@@ -360,6 +362,14 @@ def _check_compatible(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
     entries_from_manifest(manifest.get("edits"), count, f"adaptor {folder}")
 
 
+def saved_config(manifest: dict) -> Any:
+    """The manifest's config dict, with what older formats left implicit made explicit."""
+    config = manifest.get("config")
+    if isinstance(config, dict) and manifest.get("format_version", 0) < 3:
+        config = {"expert_span": "prompt", **config}
+    return config
+
+
 def load(model: nn.Module, path: PathLike, backend: str = "auto") -> LEMoELayer:
     """Attach the adaptor saved in folder ``path`` to ``model`` and return its layer.
 
@@ -369,7 +379,7 @@ def load(model: nn.Module, path: PathLike, backend: str = "auto") -> LEMoELayer:
     folder = Path(path)
     manifest, tensors = read_adaptor(folder)
     try:
-        config = LEMoEConfig.from_dict(manifest.get("config")).replace(backend=backend)
+        config = LEMoEConfig.from_dict(saved_config(manifest)).replace(backend=backend)
     except (LEMoEError, TypeError, ValueError) as error:
         raise AdaptorError(f"adaptor {folder}: invalid config: {error}") from None
     if find_layer(model) is not None:

@@ -23,10 +23,16 @@ are independent problems that can share forward/backward passes:
 Cost: everything below the target layer is frozen and runs once per edit per run (when the
 edit's job enters a block): the target layer's MLP input ``x`` and its block output with no
 expert (``out0``) are cached. A step then computes ``out0 + delta(x)`` and runs only the
-decoder layers above the target, and the LM head only at scored positions. The per-pass
+decoder layers above the target, and the LM head only at scored positions. With
+``expert_span='key'`` (the default) an expert acts only from its row's key token on (the prompt
+token that best matches its anchors, as served), so every position before it keeps the unedited
+model's states at every layer: ``_prepare`` records their keys and values above the target once,
+and a step runs the upper layers on the positions after the prefix only ("prefix" mode; a chat
+row's system turn and the words before the subject are never recomputed). The per-pass
 arguments of those layers (attention mask, rotary embeddings) come from the model's own code,
 run with every decoder layer short-circuited (cheap). A self-check against full forwards on
-the first pass falls back to full forwards if an architecture computes anything this misses.
+the first pass picks the first cached path ("prefix", then "tail") that gives the full model's
+logits, and falls back to full forwards if an architecture computes anything both miss.
 Within a step the block's rows are sorted by length and run in passes of ``micro_batch``
 rows, so little compute goes to padding.
 
@@ -37,6 +43,7 @@ them computed once, when the row's job enters a block.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections import deque
@@ -51,6 +58,7 @@ from torch import nn
 from .experts import ACTIVATION_FNS, expert_ffn_reference
 from .layer import LEMoELayer
 from .patching import adaptors_disabled, decoder_layers, final_norm
+from .routing import best_match_position, l2_normalize
 
 MAX_AUTO_BLOCK = 128
 """Largest automatic block (edits trained at once). Larger blocks only add experts whose rows
@@ -75,13 +83,21 @@ class TrainRow:
     frozen_route: tuple[tuple[int, float], ...] = ()
     term: str = "target"
 
+    @property
+    def prompt_len(self) -> int:
+        """Positions before the first scored label: the prompt a served route is decided on."""
+        return next((t for t, label in enumerate(self.labels) if label != -100), len(self.labels))
+
 
 @dataclass
 class ExpertJob:
-    """One new expert to train: its initial weights and its rows (at least one)."""
+    """One new expert to train: its initial weights, its rows (at least one) and, for
+    ``expert_span='key'``, its anchors as they will be served ([A, key]: each row's expert then
+    acts from the prompt token that best matches them, as ``LEMoELayer.route`` decides)."""
 
     weights: dict[str, torch.Tensor]
     rows: list[TrainRow]
+    anchors: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -178,11 +194,11 @@ def auto_block_size(model: nn.Module, layer: LEMoELayer, mean_rows_per_job: floa
                     mean_tokens: float = 16.0, micro_batch: int = 32) -> int:
     """Edits to train at once, from free memory.
 
-    What a block holds per edit: its cached target-layer tensors (``2 * tokens * d`` values)
-    and a share of its job's expert, gradient and two AdamW moments (``4 * expert size`` fp32
-    values); what one pass adds on top: the activations of ``micro_batch`` rows through the
-    layers above the target (about ``8 d + 4 ffn`` values per token and layer) and their
-    logits. The block gets ``AUTO_MEMORY_FRACTION`` of the free memory, minus the pass, capped
+    What a block holds per edit: its cached target-layer tensors (``2 * tokens * d`` values),
+    its prefix's keys and values above the target ("prefix" mode) and a share of its job's
+    expert, gradient and two AdamW moments (``4 * expert size`` fp32 values); what one pass
+    adds on top: the activations of ``micro_batch`` rows through the layers above the target
+    (about ``8 d + 4 ffn`` values per token and layer) and their logits. The block gets ``AUTO_MEMORY_FRACTION`` of the free memory, minus the pass, capped
     at ``MAX_AUTO_BLOCK`` and at least ``micro_batch`` (or 1)."""
     config = model.config
     d = int(config.hidden_size)
@@ -193,7 +209,12 @@ def auto_block_size(model: nn.Module, layer: LEMoELayer, mean_rows_per_job: floa
     target = next(i for i, block in enumerate(all_layers) if block.mlp is layer)
     upper = len(all_layers) - target
     expert = sum(w.numel() for w in _shapes(layer).values())
-    per_edit = 2 * mean_tokens * d * element + 4 * 4 * expert / max(mean_rows_per_job, 1.0)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads) * (d // heads)
+    # cached x and out0, the prefix's keys and values above the target (at most every token),
+    # and a share of the job's expert with its gradient and AdamW moments
+    per_edit = (2 * mean_tokens * d * element + 2 * mean_tokens * upper * kv * element
+                + 4 * 4 * expert / max(mean_rows_per_job, 1.0))
     per_pass = micro_batch * (mean_tokens * upper * (8 * d + 4 * ffn) * element + 4 * vocab * 4 * 3)
     budget = AUTO_MEMORY_FRACTION * available_memory(next(model.parameters()).device) - per_pass
     return int(max(min(micro_batch, MAX_AUTO_BLOCK), min(MAX_AUTO_BLOCK, budget // per_edit)))
@@ -221,6 +242,9 @@ class _Row:
     out0: torch.Tensor = None     # target block output with no expert [T, d]
     const: Optional[torch.Tensor] = None  # frozen experts' part of the delta [T, d] (top_k > 1)
     base: Optional[torch.Tensor] = None   # unedited logits at the scored positions (needs_base)
+    start: int = 0                # first position its job's expert acts on (expert_span='key')
+    prefix: int = 0               # positions before every expert's start: the unedited model's
+    past: Optional[list] = None   # (keys, values) of the prefix per layer above the target
 
 
 @dataclass
@@ -260,32 +284,52 @@ class BlockTrainer:
         self.head = model.get_output_embeddings()
         self.device = next(model.parameters()).device
         self.pad = int(getattr(model.config, "pad_token_id", None) or 0)
-        self.mode: Optional[str] = None  # "tail" (cached target output) or "full"; decided on the first pass
+        # "prefix" (cached target output and the prefix's keys/values above it), "tail" (cached
+        # target output) or "full"; decided on the first pass
+        self.mode: Optional[str] = None
         self.passes = 0
+        self.from_key = layer.config.acts_from_key
+        self.job_anchors: dict[int, Optional[torch.Tensor]] = {}
+        self._cache_arg = _cache_argument(self.upper)
 
     # ------------------------------------------------------------------ preparation
     def _prepare(self, rows: list[_Row], check: bool) -> Optional[torch.Tensor]:
-        """One forward of the unedited model over ``rows`` up to the target layer (to the end
-        when ``check`` or a row needs base logits), caching each row's target tensors."""
+        """One forward of the unedited model over ``rows``, caching each row's target tensors:
+        up to the target layer, or to the end when ``check``, when a row needs base logits, or
+        (``expert_span='key'``) to record the keys and values of each row's prefix above the
+        target. Returns the logits when computed."""
         ids, attention = self._ids(rows)
         captured: dict[str, torch.Tensor] = {}
-        full = check or any(self.terms[r.spec.term].needs_base for r in rows)
+        needs_logits = check or any(self.terms[r.spec.term].needs_base for r in rows)
+        record = self.from_key and self._cache_arg is not None and self.mode in (None, "prefix")
+        full = needs_logits or record
         target_block = self.blocks[self.target]
+        layer = self.layer
 
         def at_mlp(module, args, output):
             captured["x"] = args[0]
+            if self.from_key:
+                captured["queries"] = layer.query_encoder(layer.token_vectors(args[0]))
 
         def after_block(module, args, kwargs, output):
             captured["out"] = output[0] if isinstance(output, tuple) else output
             if not full:
                 raise _Stop
 
-        handles = [self.layer.register_forward_hook(at_mlp),
+        recorder = _KeyValueRecorder()
+        handles = [layer.register_forward_hook(at_mlp),
                    target_block.register_forward_hook(after_block, with_kwargs=True)]
+        if record:
+            for index, block in enumerate(self.upper):
+                handles.append(block.self_attn.register_forward_pre_hook(
+                    recorder.hook(index, self._cache_arg), with_kwargs=True))
         logits = None
         try:
             with torch.no_grad(), adaptors_disabled(self.model):
-                logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+                if needs_logits:  # the model's own logits: the self-check's reference
+                    logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+                else:
+                    self.model.base_model(input_ids=ids, attention_mask=attention, use_cache=False)
         except _Stop:
             pass
         finally:
@@ -298,21 +342,42 @@ class BlockTrainer:
             if logits is not None and self.terms[row.spec.term].needs_base:
                 scored = torch.tensor(row.spec.labels[1:], device=self.device) != -100
                 row.base = logits[b, :n - 1][scored].float()
+            slot_starts = []
+            if self.from_key:
+                queries = captured["queries"][b, :row.spec.prompt_len]
+                row.start = self._start(queries, self.job_anchors.get(row.job))
+                slot_starts = [self._start(queries, layer.anchors[layer.anchor_rows(e)])
+                               for e, _ in row.spec.frozen_route]
+                row.prefix = min([row.start, *slot_starts])
+                if recorder.keys and row.prefix > 0:
+                    row.past = [(k[b, :, :row.prefix].clone(), v[b, :, :row.prefix].clone())
+                                for k, v in zip(recorder.keys, recorder.values)]
             if row.spec.frozen_route:
-                row.const = self._frozen_delta(row)
+                row.const = self._frozen_delta(row, slot_starts)
         return logits
 
-    def _frozen_delta(self, row: _Row) -> torch.Tensor:
+    @staticmethod
+    def _start(queries: torch.Tensor, anchors: Optional[torch.Tensor]) -> int:
+        """``routing.best_match_position`` of one row's prompt queries [T, key] (0: no anchors)."""
+        if anchors is None or anchors.shape[0] == 0 or queries.shape[0] == 0:
+            return 0
+        return int(best_match_position(queries[None], anchors.to(queries.device)[None])[0])
+
+    def _frozen_delta(self, row: _Row, slot_starts: Sequence[int] = ()) -> torch.Tensor:
         layer = self.layer
         x = row.x
         ids = torch.tensor([[e for e, _ in row.spec.frozen_route]], dtype=torch.int32,
                            device=x.device).expand(x.shape[0], -1)
+        if slot_starts:  # expert_span='key': each frozen expert from its own matched token
+            position = torch.arange(x.shape[0], device=x.device)[:, None]
+            ids = torch.where(position >= torch.tensor(slot_starts, device=x.device)[None, :], ids,
+                              torch.full_like(ids, -1))
         weights = torch.tensor([[w for _, w in row.spec.frozen_route]], dtype=torch.float32,
                                device=x.device).expand(x.shape[0], -1)
         experts = {name: getattr(layer, name) for name in layer.weight_names}
         with torch.no_grad():
             out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-            return expert_ffn_reference(x, ids, weights, experts["w_up"], experts.get("w_gate"),
+            return expert_ffn_reference(x, ids.contiguous(), weights, experts["w_up"], experts.get("w_gate"),
                                         experts["w_down"], layer.config.expert_activation, out,
                                         layer.config.scale)
 
@@ -369,6 +434,8 @@ class BlockTrainer:
         hidden = act(torch.bmm(x, stacked["w_gate"])) * up if "w_gate" in stacked else act(up)
         scale = torch.tensor([r.spec.weight * layer.config.scale for r in rows], device=self.device)
         delta = torch.bmm(hidden, stacked["w_down"]).float() * scale[:, None, None]
+        if self.from_key:
+            delta = delta * self._from_start(rows, length)
         if any(r.const is not None for r in rows):
             const = torch.zeros_like(delta)
             for b, row in enumerate(rows):
@@ -376,6 +443,11 @@ class BlockTrainer:
                     const[b, :row.length] = row.const
             delta = delta + const
         return delta
+
+    def _from_start(self, rows: list[_Row], length: int) -> torch.Tensor:
+        """[B, T, 1] fp32: 1 from each row's expert start on, 0 before (``expert_span='key'``)."""
+        starts = torch.tensor([r.start for r in rows], device=self.device)
+        return (torch.arange(length, device=self.device)[None, :] >= starts[:, None]).float()[..., None]
 
     def _pass(self, rows: list[_Row], active: dict[int, _Active], delta_override=None) -> torch.Tensor:
         """Forward and backward of one pass; adds each job's loss sums to its state. Returns
@@ -387,31 +459,90 @@ class BlockTrainer:
         autocast = torch.autocast(self.device.type, dtype=self.compute_dtype,
                                   enabled=self.compute_dtype is not None and delta_override is None)
         with autocast:
-            hidden = self._hidden(rows, ids, attention, delta, length)
-            labels = torch.full((len(rows), length), -100, dtype=torch.long)
+            hidden, positions = self._hidden(rows, ids, attention, delta, length)
+            labels = torch.full((len(rows), length + 1), -100, dtype=torch.long)
             for b, row in enumerate(rows):
                 labels[b, :row.length] = torch.tensor(row.spec.labels)
-            labels = labels.to(self.device)
-            targets_all = labels[:, 1:]
+            # the label each position predicts (the next token's), at the positions computed
+            targets_all = labels[:, 1:].to(self.device).gather(1, positions)
             scored = targets_all != -100
-            logits = self.head(hidden[:, :-1][scored]).float()
+            logits = self.head(hidden[scored]).float()
         return self._score(rows, jobs, active, logits, targets_all, scored, delta_override is not None)
 
     def _hidden(self, rows, ids, attention, delta, length):
-        """Final-norm output of the model with ``delta`` added at the target layer, [B, T, d]."""
+        """Final-norm output of the model with ``delta`` added at the target layer, [B, S, d], and
+        the position of each of its S rows in the sequence, [B, S] (``prefix`` mode computes only
+        the positions after each row's prefix; the other modes all T)."""
+        everything = torch.arange(length, device=self.device).expand(len(rows), -1)
         if self.mode == "full":
-            hidden = self._full_forward(rows, ids, attention, delta)
-        else:
-            out0 = torch.zeros(len(rows), length, self.layer.hidden_size, device=self.device,
-                               dtype=rows[0].out0.dtype)
+            return self._full_forward(rows, ids, attention, delta), everything
+        out0 = torch.zeros(len(rows), length, self.layer.hidden_size, device=self.device,
+                           dtype=rows[0].out0.dtype)
+        for b, row in enumerate(rows):
+            out0[b, :row.length] = row.out0
+        hidden = out0 + delta.to(out0.dtype)
+        calls = self._layer_calls(ids, attention, self.upper)
+        if self.mode == "prefix":
+            return self._prefix_tail(rows, hidden, calls)
+        for block, (args, kwargs) in zip(self.upper, calls):
+            out = block(hidden, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": hidden})
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self.norm(hidden), everything
+
+    def _prefix_tail(self, rows: list[_Row], hidden: torch.Tensor, calls: list[tuple]):
+        """The layers above the target on each row's positions after its prefix only; the
+        prefix (no expert acts there: the unedited model's states) is attended to through the
+        keys and values ``_prepare`` recorded. Rows are packed left ([B, S], S the longest
+        suffix); their prefixes are left-padded to the longest (P) and masked."""
+        device = self.device
+        prefix = torch.tensor([r.prefix for r in rows], device=device)
+        lengths = torch.tensor([r.length for r in rows], device=device)
+        longest_prefix, longest = int(prefix.max()), int((lengths - prefix).max())
+        steps = torch.arange(longest, device=device)
+        positions = torch.minimum(prefix[:, None] + steps[None, :], lengths[:, None] - 1)   # [B, S]
+        real = steps[None, :] < (lengths - prefix)[:, None]
+        h = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        past_ok = torch.arange(longest_prefix, device=device)[None, :] >= (longest_prefix - prefix)[:, None]
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+        # padded query rows see at least themselves (an all-masked row would be NaN in backward)
+        own = causal[None] & real[:, None, :] | torch.eye(longest, dtype=torch.bool, device=device)[None]
+        allowed = torch.cat([past_ok[:, None, :].expand(-1, longest, -1), own], dim=2)[:, None]
+        pasts = self._padded_pasts(rows, longest_prefix)
+        for index, (block, (args, kwargs)) in enumerate(zip(self.upper, calls)):
+            cos, sin = kwargs["position_embeddings"]
+            pick = lambda t: t.expand(len(rows), -1, -1).gather(1, positions[..., None].expand(-1, -1, t.shape[-1]))
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.dtype != torch.bool:  # an additive float mask
+                mask = torch.zeros(allowed.shape, dtype=mask.dtype, device=device).masked_fill(
+                    ~allowed, torch.finfo(mask.dtype).min)
+            else:
+                mask = allowed
+            call = {key: value for key, value in kwargs.items() if key not in _CACHE_NAMES}
+            call.update(attention_mask=mask, position_ids=positions, position_embeddings=(pick(cos), pick(sin)))
+            call[self._cache_arg] = _PrefixCache(*pasts[index])
+            out = block(h, **call)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.norm(h), positions
+
+    def _padded_pasts(self, rows: list[_Row], longest: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer above the target, the rows' prefix keys and values [B, heads, P, head_dim],
+        each row's right-aligned (left padding)."""
+        sample = next((r.past for r in rows if r.past), None)
+        pasts = []
+        for index in range(len(self.upper)):
+            if sample is None:
+                shape = (len(rows), 1, 0, 1)
+                pasts.append((torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device)))
+                continue
+            k0, v0 = sample[index]
+            keys = k0.new_zeros(len(rows), k0.shape[0], longest, k0.shape[2])
+            values = v0.new_zeros(len(rows), v0.shape[0], longest, v0.shape[2])
             for b, row in enumerate(rows):
-                out0[b, :row.length] = row.out0
-            hidden = out0 + delta.to(out0.dtype)
-            for block, (args, kwargs) in zip(self.upper, self._layer_calls(ids, attention, self.upper)):
-                out = block(hidden, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": hidden})
-                hidden = out[0] if isinstance(out, tuple) else out
-            hidden = self.norm(hidden)
-        return hidden
+                if row.past:
+                    keys[b, :, longest - row.prefix:] = row.past[index][0]
+                    values[b, :, longest - row.prefix:] = row.past[index][1]
+            pasts.append((keys, values))
+        return pasts
 
     def _score(self, rows, jobs, active, logits, targets_all, scored, probe: bool) -> torch.Tensor:
         targets = targets_all[scored]
@@ -467,26 +598,36 @@ class BlockTrainer:
         return self.norm(captured["h"])
 
     def _self_check(self, rows: list[_Row], reference: torch.Tensor, active: dict[int, _Active]) -> None:
-        """Decide the mode on the first pass: the cached-tail path must give the full model's
-        logits, with no expert and with a (random) expert delta."""
-        self.mode = "tail"
+        """Decide the mode on the first pass: a cached path ("prefix" when experts act from
+        their key and the architecture's attention takes a key/value cache, else "tail") must
+        give the full model's logits, with no expert and with a (random) expert delta; the
+        first that does is used, else full forwards."""
         length = max(r.length for r in rows)
         labels = torch.full((len(rows), length), -100, dtype=torch.long)
         for b, row in enumerate(rows):
             labels[b, :row.length] = torch.tensor(row.spec.labels)
         scored = labels[:, 1:] != -100
+        candidates = (["prefix"] if self.from_key and self._cache_arg is not None else []) + ["tail"]
         with torch.no_grad():
             zero = torch.zeros(len(rows), length, self.layer.hidden_size, device=self.device)
-            tail_zero = self._pass(rows, active, delta_override=zero)
             expected = reference[:, :length - 1][scored.to(self.device)].float()
-            ok = torch.allclose(tail_zero, expected, atol=1e-3, rtol=1e-3)
             generator = torch.Generator().manual_seed(0)
             probe = (torch.randn(zero.shape, generator=generator) * 0.1).to(self.device)
-            tail_probe = self._pass(rows, active, delta_override=probe)
+            if self.from_key:
+                probe = probe * self._from_start(rows, length)
             self.mode = "full"
             full_probe = self._pass(rows, active, delta_override=probe)
-            ok = ok and torch.allclose(tail_probe, full_probe, atol=1e-3, rtol=1e-3)
-        self.mode = "tail" if ok else "full"
+            for mode in candidates:
+                self.mode = mode
+                try:
+                    ok = (torch.allclose(self._pass(rows, active, delta_override=zero), expected, atol=1e-3, rtol=1e-3)
+                          and torch.allclose(self._pass(rows, active, delta_override=probe), full_probe,
+                                             atol=1e-3, rtol=1e-3))
+                except (TypeError, KeyError, RuntimeError, ValueError):  # an architecture this path misreads
+                    ok = False
+                if ok:
+                    return
+        self.mode = "full"
 
     # ------------------------------------------------------------------ the loop
     def run(self, jobs: Sequence[ExpertJob], on_done: Callable[[int, JobResult], None],
@@ -538,6 +679,10 @@ class BlockTrainer:
             counts: dict[str, int] = {}
             for row in spec.rows:
                 counts[row.term] = counts.get(row.term, 0) + sum(1 for t in row.labels[1:] if t != -100)
+            if spec.anchors is not None:  # normalised as the layer stores them (add_expert)
+                anchors = spec.anchors.detach().to(self.device).float()
+                nonzero = anchors.abs().sum(dim=-1, keepdim=True) > 0
+                self.job_anchors[job] = torch.where(nonzero, l2_normalize(anchors), anchors)
             optimizer = torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=self.weight_decay)
             active[job] = _Active(params=params, optimizer=optimizer, rows=rows, counts=counts)
             admitted.append(job)
@@ -550,7 +695,9 @@ class BlockTrainer:
         for state in active.values():
             state.step += 1
             state.sums, state.right = {}, {}
-        rows = sorted((row for state in active.values() for row in state.rows), key=lambda r: r.length)
+        # by the length a pass computes (after the prefix, in "prefix" mode), so passes pad little
+        rows = sorted((row for state in active.values() for row in state.rows),
+                      key=lambda r: (r.length - r.prefix, r.prefix) if self.mode == "prefix" else r.length)
         for chunk in _chunks(rows, self.micro_batch):
             started = time.perf_counter()
             self._pass(chunk, active)
@@ -569,6 +716,67 @@ class BlockTrainer:
                 del active[job]
                 on_done(job, JobResult(weights=_detached(state.params), steps=state.step, loss=loss,
                                        seconds=state.seconds))
+
+
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+def _cache_argument(blocks) -> Optional[str]:
+    """The keyword under which the attention of ``blocks`` takes a key/value cache (it differs
+    across transformers versions), or None when it has no such attention (no "prefix" mode)."""
+    attention = getattr(blocks[0], "self_attn", None) if len(blocks) else None
+    if attention is None:
+        return None
+    try:
+        names = inspect.signature(attention.forward).parameters
+        block_names = inspect.signature(blocks[0].forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((n for n in _CACHE_NAMES if n in names and n in block_names), None)
+
+
+class _PrefixCache:
+    """A key/value cache holding one layer's prefix, read-only: an attention call gets the
+    prefix's keys and values in front of its own (and nothing is stored)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.keys.shape[2] == 0:
+            return key_states, value_states
+        return (torch.cat([self.keys.to(key_states.dtype), key_states], dim=2),
+                torch.cat([self.values.to(value_states.dtype), value_states], dim=2))
+
+
+class _KeyValueRecorder:
+    """Records the keys and values (rotary applied) each attention computes in a forward, by
+    handing it a cache that stores what it is given and adds no past."""
+
+    def __init__(self) -> None:
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return [self.recorded[i][0] for i in sorted(self.recorded)]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [self.recorded[i][1] for i in sorted(self.recorded)]
+
+    def hook(self, index: int, name: str):
+        recorder = self
+
+        class _Record:
+            def update(self, key_states, value_states, *args, **kwargs):
+                recorder.recorded[index] = (key_states.detach(), value_states.detach())
+                return key_states, value_states
+
+        def pre_hook(module, args, kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_NAMES}
+            kwargs[name] = _Record()
+            return args, kwargs
+        return pre_hook
 
 
 def _detached(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,10 +19,10 @@ SEQUENTIAL = EditorConfig(**{**FAST.__dict__, "block_size": 1})
 BLOCKED = EditorConfig(**{**FAST.__dict__, "block_size": 64, "micro_batch": 4})
 
 
-def _run(editor_config, edits, first, seed=7):
+def _run(editor_config, edits, first, seed=7, config=CONFIG):
     tok = tiny_tokenizer(False)
     model = llama_for(tok, seed=seed)
-    editor = LifelongEditor(model, tok, CONFIG, editor_config, unrelated_prompts=UNRELATED)
+    editor = LifelongEditor(model, tok, config, editor_config, unrelated_prompts=UNRELATED)
     editor.edit_batch(first)  # an older expert, before the run
     before = {n: getattr(editor.layer, n)[0].detach().clone() for n in editor.layer.weight_names}
     reports = editor.edit(edits, progress=False)
@@ -78,16 +78,35 @@ def test_an_expert_that_stops_does_not_move_while_its_block_trains_on(monkeypatc
             assert torch.equal(getattr(layer, name)[expert], weights[name].to(getattr(layer, name).dtype))
 
 
-def test_full_forward_fallback_trains_the_same_experts(monkeypatch):
-    edits = tiny_edits(4, seed=8)
-    _, tail_reports, _ = _run(BLOCKED, edits[1:], edits[:1], seed=8)
+@pytest.mark.parametrize("span", ["key", "prompt"])
+def test_cached_paths_train_the_same_experts_as_full_forwards(monkeypatch, span):
+    """The default (expert_span='key'): positions before each row's key keep the unedited
+    states, so a step computes only the positions after them, against the prefix keys and values
+    recorded once ("prefix" mode); with experts on every token ('prompt') the whole row above the
+    target ("tail" mode). Either gives the steps and losses of full forwards with the same
+    expert spans (the fallback when the self-check fails)."""
+    edits = tiny_edits(6, seed=15)
+    config = CONFIG.replace(expert_span=span)
+    prefixes = []
+    original = BlockTrainer._prefix_tail
+
+    def recording(self, rows, hidden, calls):
+        prefixes.extend(r.prefix for r in rows)
+        return original(self, rows, hidden, calls)
+
+    monkeypatch.setattr(BlockTrainer, "_prefix_tail", recording)
+    cached, cached_reports, _ = _run(BLOCKED, edits[1:], edits[:1], seed=15, config=config)
+    assert cached.last_run["mode"] == ("prefix" if span == "key" else "tail")
+    if span == "key":  # rows with different prefixes, packed into the same passes
+        assert max(prefixes) > 0 and min(prefixes) < max(prefixes)
     monkeypatch.setattr(BlockTrainer, "_self_check",
                         lambda self, rows, reference, active: setattr(self, "mode", "full"))
-    fallback, full_reports, _ = _run(BLOCKED, edits[1:], edits[:1], seed=8)
-    assert [r.steps for r in full_reports] == [r.steps for r in tail_reports]
-    for a, b in zip(full_reports, tail_reports):
+    fallback, full_reports, _ = _run(BLOCKED, edits[1:], edits[:1], seed=15, config=config)
+    assert [r.steps for r in full_reports] == [r.steps for r in cached_reports]
+    for a, b in zip(full_reports, cached_reports):
         assert a.loss == pytest.approx(b.loss, rel=1e-3, abs=1e-4)
-    assert all(target_argmax_hits(fallback.model, fallback.tokenizer, e) for e in edits)
+    for editor in (cached, fallback):
+        assert all(target_argmax_hits(editor.model, editor.tokenizer, e) for e in edits)
 
 
 def test_interrupt_keeps_experts_completed_in_plan_order(tmp_path, monkeypatch):
@@ -177,4 +196,7 @@ def test_cached_tail_path_holds_for_every_supported_family(family):
     edits = tiny_edits(3, seed=14)
     editor.edit(edits, progress=False)
     assert editor.last_run["tail_path"]  # the self-check accepted the cached-tail shortcut
+    # experts act from their key (the default): the attention of these families takes the
+    # prefix's keys and values, so only the positions after each row's prefix are computed
+    assert editor.last_run["mode"] == ("tail" if family == "gpt2" else "prefix")
     assert all(target_argmax_hits(model, tok, e) for e in edits)

@@ -237,3 +237,20 @@ def test_version_1_adaptor_still_loads(adaptor, tmp_path):
     assert torch.equal(layer.anchors, original["anchors"]) and layer.adaptor_origin["revision"] == 0
     save(model, copy)  # re-saved in the current format, in place
     assert json.loads((copy / storage.MANIFEST_FILE).read_text())["format_version"] == storage.FORMAT_VERSION
+
+
+def test_version_2_adaptor_loads_with_experts_on_every_token(adaptor, tmp_path):
+    """Format 2 had no ``expert_span``: its experts acted on every token of a routed prompt, and
+    they still do when it loads (format 3 writes the field; new adaptors act from their key)."""
+    path, _ = adaptor
+    copy = tmp_path / "v2"
+    shutil.copytree(path, copy)
+    body = json.loads((copy / storage.MANIFEST_FILE).read_text())
+    assert body["config"].pop("expert_span") == "key"
+    body["format_version"] = 2
+    body["manifest_sha256"] = storage._manifest_digest(body)
+    (copy / storage.MANIFEST_FILE).write_text(json.dumps(body))
+    old = load(tiny_model("llama", seed=0), copy, backend="eager")
+    new = load(tiny_model("llama", seed=0), path, backend="eager")
+    assert old.config.expert_span == "prompt" and new.config.expert_span == "key"
+    assert old.config.replace(expert_span="key") == new.config

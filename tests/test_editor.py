@@ -68,6 +68,40 @@ def test_one_edit_changes_the_argmax_of_its_target():
     assert torch.equal(edited, base)
 
 
+def test_the_expert_acts_from_the_subject_on_and_the_words_before_it_keep_their_states():
+    """expert_span='key' (the default): an edited prompt's positions before its key token (the
+    subject's last) give the unedited model's logits exactly; from the key on they change."""
+    tok = tiny_tokenizer(False)
+    model = llama_for(tok, seed=4)
+    edit = tiny_edits(1, seed=4)[0]
+    editor = LifelongEditor(model, tok, CONFIG, FAST, unrelated_prompts=UNRELATED)
+    editor.edit_batch([edit])
+    assert target_argmax_hits(model, tok, edit)
+    ids = tok(edit.prompt, return_tensors="pt").input_ids
+    subject_end = len(tok(edit.prompt[:edit.prompt.index(edit.subject) + len(edit.subject)])["input_ids"])
+    layer = find_layer(model)
+    with torch.no_grad():
+        edited = model(input_ids=ids).logits[0]
+        layer.disabled = True
+        base = model(input_ids=ids).logits[0]
+        layer.disabled = False
+        start = int(layer.key_positions(*_query_batch(model, layer, ids))[0, 0])
+    assert start == subject_end - 1  # the key: the subject's last token
+    assert torch.equal(edited[:start], base[:start])
+    assert not torch.allclose(edited[start:], base[start:])
+
+
+def _query_batch(model, layer, ids):
+    """(x, route ids) of ``ids`` as the layer saw them in its last forward call."""
+    captured = {}
+    handle = layer.register_forward_hook(lambda module, args, out: captured.setdefault("x", args[0]))
+    try:
+        model(input_ids=ids)
+    finally:
+        handle.remove()
+    return captured["x"], layer._route(captured["x"])[0]
+
+
 def test_older_experts_stay_bit_identical_and_edits_survive_later_batches():
     tok = tiny_tokenizer(False)
     model = llama_for(tok, seed=1)

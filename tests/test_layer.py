@@ -76,9 +76,10 @@ def test_gated_off_rows_are_bit_identical_to_base_and_routed_rows_are_not():
         assert not torch.equal(layer(x)[1], base[1])
 
 
-def test_max_pooling_routes_by_the_best_matching_token_with_several_anchors_per_expert():
+@pytest.mark.parametrize("span", ["key", "prompt"])
+def test_max_pooling_routes_by_the_best_matching_token_with_several_anchors_per_expert(span):
     config = LEMoEConfig(query_source="hidden", query_pooling="max", expert_hidden=24, top_k=2,
-                         temperature=0.25, query_hidden=0)
+                         temperature=0.25, query_hidden=0, expert_span=span)
     layer, mlp = standalone_layer(config)
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     d = layer.hidden_size
@@ -100,7 +101,7 @@ def test_max_pooling_routes_by_the_best_matching_token_with_several_anchors_per_
     scores = token_scores.max(dim=1).values                          # best token per anchor
     passed = scores >= layer.thresholds.double()
     expected = base.clone()
-    routed_rows = 0
+    routed_rows, starts = 0, []
     for b in range(3):
         per_expert = torch.full((3,), float("-inf"), dtype=torch.float64)
         for m in range(layer.num_anchors):
@@ -113,10 +114,16 @@ def test_max_pooling_routes_by_the_best_matching_token_with_several_anchors_per_
         routed_rows += 1
         w = torch.softmax(per_expert[order] / config.temperature, dim=0)
         for weight, e in zip(w, order):
-            expected[b] += weight * f64_expert(layer, e, x[b].double())
+            # 'key': the expert acts from the token that best matches any of its anchors on
+            own = (layer.anchor_expert == e).nonzero(as_tuple=True)[0]
+            start = int(token_scores[b][:, own].max(dim=1).values.argmax()) if span == "key" else 0
+            starts.append(start)
+            expected[b, start:] += weight * f64_expert(layer, e, x[b, start:].double())
     err = (out.double() - expected).norm() / expected.norm()
     assert err < 1e-5, err
     assert routed_rows >= 1
+    if span == "key":  # the test means something only when some expert starts past the first token
+        assert max(starts) > 0, starts
 
 
 def test_zero_experts_is_the_base_mlp_exactly():

@@ -13,6 +13,8 @@ sequence once, on its whole prompt, and keeps that route for every token it gene
   preemption) is routed on its prompt positions only, with the package's own routing code
   (``LEMoELayer.route`` on a padded batch, as the HF path calls it); the route is kept by
   request id;
+- the prompt's own rows get the route as the HF prefill gives it per position (with
+  ``expert_span='key'``: no expert before the token that matched its key);
 - every later step of that request reuses the kept route; requests that finish are forgotten;
 - the expert FFNs are then applied to all rows at once (the fused kernel on CUDA, the eager
   reference elsewhere), added to the base MLP output.
@@ -138,9 +140,11 @@ class RequestRouter:
                     f"request {s.req_id} continues at token {s.computed} but was never routed on its "
                     "prompt (prefix caching or chunked prefill is on?); LEMoE serving needs "
                     "enable_prefix_caching=False and enable_chunked_prefill=False")
+        prompt_routes = {}
         if fresh:
             self.stats["prefills"] += len(fresh)
-            self.routes.update(self._route_prompts(fresh, x, vectors))
+            prompt_routes = self._route_prompts(fresh, x, vectors)
+            self.routes.update({req: (ids_p[-1], weights_p[-1]) for req, (ids_p, weights_p) in prompt_routes.items()})
         if not plan:
             return ids, weights
         # one row per request, repeated over its tokens (plan rows are consecutive from row 0)
@@ -150,11 +154,16 @@ class RequestRouter:
             counts, dim=0, output_size=planned)
         weights[:planned] = torch.stack([self.routes[s.req_id][1] for s in plan]).repeat_interleave(
             counts, dim=0, output_size=planned)
+        for s in fresh:  # a prompt's own rows as the HF path routes them (expert_span='key': none before the key)
+            ids_p, weights_p = prompt_routes[s.req_id]
+            ids[s.start:s.start + s.prompt_len], weights[s.start:s.start + s.prompt_len] = ids_p, weights_p
         return ids, weights
 
     def _route_prompts(self, fresh: Sequence[RequestSlice], x: torch.Tensor,
                        vectors: Optional[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Route new requests on their prompt positions, as one right-padded batch."""
+        """Route new requests on their prompt positions, as one right-padded batch: per request,
+        the ids and weights of each prompt position, [prompt_len, top_k] (its last position's
+        are the route its generated tokens keep)."""
         length = max(s.prompt_len for s in fresh)
         batch = len(fresh)
         xs = x.new_zeros(batch, length, x.shape[1])
@@ -168,8 +177,9 @@ class RequestRouter:
             mask[b, :s.prompt_len] = 1
         ids, weights = self._route_padded(xs, vs, mask, per_token=False)
         k = ids.shape[1]
-        ids, weights = ids.view(batch, length, k)[:, 0], weights.view(batch, length, k)[:, 0]
-        return {s.req_id: (ids[b].clone(), weights[b].clone()) for b, s in enumerate(fresh)}
+        ids, weights = ids.view(batch, length, k), weights.view(batch, length, k)
+        return {s.req_id: (ids[b, :s.prompt_len].clone(), weights[b, :s.prompt_len].clone())
+                for b, s in enumerate(fresh)}
 
     def _route_padded(self, xs: torch.Tensor, vs: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                       per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,9 +76,11 @@ def test_flattened_batches_route_like_the_hf_path(tmp_path, config):
         if token:
             ids, w = hf_routes(layer, [v], [xs[r]])[0]
             return ids[rows], w[rows]
+        # the prompt's positions as the HF prefill routes them (expert_span='key': none before
+        # the matched token); generated tokens keep the route the last prompt position has
         ids, w = hf_routes(layer, [v[:lengths[r]]], [xs[r][:lengths[r]]])[0]
-        n = rows.stop - rows.start
-        return ids[:1].expand(n, -1), w[:1].expand(n, -1)
+        ids, w = torch.cat([ids, ids[-1:].expand(4, -1)]), torch.cat([w, w[-1:].expand(4, -1)])
+        return ids[rows], w[rows]
 
     def step(slices):
         parts_x, parts_v, want_ids, want_w = [], [], [], []
