@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
 from .experts import ACTIVATION_FNS, expert_ffn_reference
 from .layer import LEMoELayer
 from .patching import adaptors_disabled, decoder_layers, final_norm
@@ -291,6 +292,11 @@ class BlockTrainer:
         self.from_key = layer.config.acts_from_key
         self.job_anchors: dict[int, Optional[torch.Tensor]] = {}
         self._cache_arg = _cache_argument(self.upper)
+        # "prefix" builds its own attention mask: only for SDPA / eager attention, and only while
+        # rows fit a sliding window (Mistral), where the window changes nothing
+        attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        self.window = _sliding_window(self.upper, model.config)
+        self.prefix_allowed = self.from_key and self._cache_arg is not None and attention in ("sdpa", "eager")
 
     # ------------------------------------------------------------------ preparation
     def _prepare(self, rows: list[_Row], check: bool) -> Optional[torch.Tensor]:
@@ -301,7 +307,11 @@ class BlockTrainer:
         ids, attention = self._ids(rows)
         captured: dict[str, torch.Tensor] = {}
         needs_logits = check or any(self.terms[r.spec.term].needs_base for r in rows)
-        record = self.from_key and self._cache_arg is not None and self.mode in (None, "prefix")
+        if self.window is not None and any(r.length > self.window for r in rows):
+            self.prefix_allowed = False  # a row longer than the window: its mask is the model's own
+            if self.mode == "prefix":
+                self.mode = "tail"
+        record = self.prefix_allowed and self.mode in (None, "prefix")
         full = needs_logits or record
         target_block = self.blocks[self.target]
         layer = self.layer
@@ -607,7 +617,7 @@ class BlockTrainer:
         for b, row in enumerate(rows):
             labels[b, :row.length] = torch.tensor(row.spec.labels)
         scored = labels[:, 1:] != -100
-        candidates = (["prefix"] if self.from_key and self._cache_arg is not None else []) + ["tail"]
+        candidates = (["prefix"] if self.prefix_allowed else []) + ["tail"]
         with torch.no_grad():
             zero = torch.zeros(len(rows), length, self.layer.hidden_size, device=self.device)
             expected = reference[:, :length - 1][scored.to(self.device)].float()
@@ -623,6 +633,8 @@ class BlockTrainer:
                     ok = (torch.allclose(self._pass(rows, active, delta_override=zero), expected, atol=1e-3, rtol=1e-3)
                           and torch.allclose(self._pass(rows, active, delta_override=probe), full_probe,
                                              atol=1e-3, rtol=1e-3))
+                except torch.OutOfMemoryError:
+                    raise
                 except (TypeError, KeyError, RuntimeError, ValueError):  # an architecture this path misreads
                     ok = False
                 if ok:
@@ -679,6 +691,9 @@ class BlockTrainer:
             counts: dict[str, int] = {}
             for row in spec.rows:
                 counts[row.term] = counts.get(row.term, 0) + sum(1 for t in row.labels[1:] if t != -100)
+            if self.from_key and spec.anchors is None:
+                raise ConfigError("expert_span='key': an ExpertJob needs its expert's anchors (ExpertJob.anchors) "
+                                  "to know where the expert acts in each row, as LEMoELayer.route decides")
             if spec.anchors is not None:  # normalised as the layer stores them (add_expert)
                 anchors = spec.anchors.detach().to(self.device).float()
                 nonzero = anchors.abs().sum(dim=-1, keepdim=True) > 0
@@ -733,6 +748,18 @@ def _cache_argument(blocks) -> Optional[str]:
     except (TypeError, ValueError):
         return None
     return next((n for n in _CACHE_NAMES if n in names and n in block_names), None)
+
+
+def _sliding_window(blocks, config) -> Optional[int]:
+    """The smallest attention window of ``blocks`` (None: full attention)."""
+    windows = []
+    for block in blocks:
+        attention = getattr(block, "self_attn", None)
+        window = (getattr(attention, "sliding_window", None) if hasattr(attention, "sliding_window")
+                  else getattr(config, "sliding_window", None))
+        if isinstance(window, int) and window > 0:
+            windows.append(window)
+    return min(windows) if windows else None
 
 
 class _PrefixCache:

@@ -200,3 +200,18 @@ def test_cached_tail_path_holds_for_every_supported_family(family):
     # prefix's keys and values, so only the positions after each row's prefix are computed
     assert editor.last_run["mode"] == ("tail" if family == "gpt2" else "prefix")
     assert all(target_argmax_hits(model, tok, e) for e in edits)
+
+
+def test_rows_longer_than_a_sliding_window_train_on_the_models_own_masks():
+    """The prefix path builds its own attention mask, which knows no sliding window: a Mistral
+    whose window is shorter than the rows trains in "tail" mode (the model's own masks)."""
+    from tiny_models import tiny_model
+    tok = tiny_tokenizer(False)
+    model = tiny_model("mistral", seed=0, vocab=len(tok), layers=4, hidden=64)
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.sliding_window = 4
+    editor = LifelongEditor(model, tok, CONFIG, BLOCKED, unrelated_prompts=UNRELATED)
+    edits = tiny_edits(3, seed=14)
+    editor.edit(edits, progress=False)
+    assert editor.last_run["mode"] == "tail"
+    assert all(target_argmax_hits(model, tok, e) for e in edits)
