@@ -17,6 +17,7 @@ p.add_argument("--negatives", type=int, default=4); p.add_argument("--no-chat", 
 p.add_argument("--strip-subject", action="store_true"); p.add_argument("--styles", default="tf,gen,chat")
 p.add_argument("--tag", default=""); p.add_argument("--augment", type=int, default=0)
 p.add_argument("--lr", type=float, default=None, help="EditorConfig.learning_rate (default: the config's)")
+p.add_argument("--stop-loss", type=float, default=None, help="EditorConfig.stop_loss (default: the config's)")
 a = p.parse_args()
 edits = load_edits(a.edits, limit=a.limit, skip_invalid=True)
 if a.strip_subject:
@@ -30,14 +31,15 @@ for s in styles:
     refs[s] = unedited_reference(model, tok, edits, mode="teacher_forced" if s == "tf" else "generate", chat=s == "chat")
 print("refs", round(time.time() - t0), "s", flush=True)
 cfg = EditorConfig(negatives=a.negatives, train_chat=not a.no_chat, augment=a.augment,
-                   **({} if a.lr is None else {"learning_rate": a.lr}))
+                   **({} if a.lr is None else {"learning_rate": a.lr}),
+                   **({} if a.stop_loss is None else {"stop_loss": a.stop_loss}))
 editor = LifelongEditor(model, tok, editor_config=cfg)
 t0 = time.time()
 reports = editor.edit(edits, progress=False)
 edit_s = time.time() - t0
 import collections
 print("steps", sorted(collections.Counter(r.steps for r in reports).items()), "loss", [round(r.loss, 3) for r in reports][:20], flush=True)
-out = {"tag": a.tag, "T": len(edits), "negatives": a.negatives, "augment": a.augment, "lr": cfg.learning_rate, "experts": editor.layer.num_experts, "edit_s": round(edit_s, 1),
+out = {"tag": a.tag, "T": len(edits), "negatives": a.negatives, "augment": a.augment, "lr": cfg.learning_rate, "stop_loss": cfg.stop_loss, "experts": editor.layer.num_experts, "edit_s": round(edit_s, 1),
        "misrouted": sum(r.misrouted for r in reports)}
 for s in styles:
     m = evaluate(model, tok, edits, locality_ref=refs[s], mode="teacher_forced" if s == "tf" else "generate",
