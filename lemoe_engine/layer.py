@@ -125,8 +125,7 @@ class LEMoELayer(nn.Module):
         weights = init_expert(self.hidden_size, self.config.expert_hidden, self.config.expert_gated,
                               seed=self.config.seed * 1_000_003 + index, device=device,
                               dtype=self.expert_dtype)
-        nonzero = anchors.abs().sum(dim=1, keepdim=True) > 0
-        self.anchors = torch.cat([self.anchors, torch.where(nonzero, l2_normalize(anchors), anchors)])
+        self.anchors = torch.cat([self.anchors, routing.normalize_anchors(anchors)])
         self.anchor_expert = torch.cat([self.anchor_expert, torch.full(
             (anchors.shape[0],), index, dtype=torch.int32, device=device)])
         self.thresholds = torch.cat([self.thresholds, thresholds.clone()])
@@ -314,7 +313,7 @@ class LEMoELayer(nn.Module):
             ids = ids[:, None, :].expand(batch, length, k)
             weights = weights[:, None, :].expand(batch, length, k)
             if starts is not None:  # expert_span='key': no expert before its matched token
-                after = torch.arange(length, device=ids.device)[None, :, None] >= starts[:, None, :]
+                after = routing.acts_from(starts, length)
                 ids = torch.where(after, ids, torch.full_like(ids, -1))
                 weights = torch.where(after, weights, torch.zeros_like(weights))
             # contiguous: for one sequence the reshape is a stride-0 view, which the kernels refuse

@@ -31,6 +31,19 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1, eps=1e-6)
 
 
+def normalize_anchors(anchors: torch.Tensor) -> torch.Tensor:
+    """Anchors as the layer stores them: unit length, an all-zero row (a placeholder) kept zero."""
+    anchors = anchors.float()
+    nonzero = anchors.abs().sum(dim=-1, keepdim=True) > 0
+    return torch.where(nonzero, l2_normalize(anchors), anchors)
+
+
+def acts_from(starts: torch.Tensor, length: int) -> torch.Tensor:
+    """bool [B, T, k]: whether route slot ``k`` of sequence ``b`` acts at position ``t``
+    (``t >= starts[b, k]``; ``expert_span='key'``)."""
+    return torch.arange(length, device=starts.device)[None, :, None] >= starts[:, None, :]
+
+
 def masked_mean(vectors: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean of ``vectors[B, T, d]`` over positions where ``mask[B, T]`` is non-zero (fp32)."""
     vectors = vectors.float()

@@ -59,7 +59,7 @@ from .errors import ConfigError
 from .experts import ACTIVATION_FNS, expert_ffn_reference
 from .layer import LEMoELayer
 from .patching import adaptors_disabled, decoder_layers, final_norm
-from .routing import best_match_position, l2_normalize
+from .routing import acts_from, best_match_position, normalize_anchors
 
 MAX_AUTO_BLOCK = 128
 """Largest automatic block (edits trained at once). Larger blocks only add experts whose rows
@@ -199,8 +199,9 @@ def auto_block_size(model: nn.Module, layer: LEMoELayer, mean_rows_per_job: floa
     its prefix's keys and values above the target ("prefix" mode) and a share of its job's
     expert, gradient and two AdamW moments (``4 * expert size`` fp32 values); what one pass
     adds on top: the activations of ``micro_batch`` rows through the layers above the target
-    (about ``8 d + 4 ffn`` values per token and layer) and their logits. The block gets ``AUTO_MEMORY_FRACTION`` of the free memory, minus the pass, capped
-    at ``MAX_AUTO_BLOCK`` and at least ``micro_batch`` (or 1)."""
+    (about ``8 d + 4 ffn`` values per token and layer) and their logits. The block gets
+    ``AUTO_MEMORY_FRACTION`` of the free memory, minus the pass, capped at ``MAX_AUTO_BLOCK``
+    and at least ``micro_batch`` (or 1)."""
     config = model.config
     d = int(config.hidden_size)
     ffn = int(getattr(config, "intermediate_size", None) or 4 * d)
@@ -345,6 +346,7 @@ class BlockTrainer:
         finally:
             for handle in handles:
                 handle.remove()
+        recorded = list(zip(recorder.keys, recorder.values))
         for b, row in enumerate(rows):
             n = row.length
             row.x = captured["x"][b, :n].detach()
@@ -359,9 +361,8 @@ class BlockTrainer:
                 slot_starts = [self._start(queries, layer.anchors[layer.anchor_rows(e)])
                                for e, _ in row.spec.frozen_route]
                 row.prefix = min([row.start, *slot_starts])
-                if recorder.keys and row.prefix > 0:
-                    row.past = [(k[b, :, :row.prefix].clone(), v[b, :, :row.prefix].clone())
-                                for k, v in zip(recorder.keys, recorder.values)]
+                if recorded and row.prefix > 0:
+                    row.past = [(k[b, :, :row.prefix].clone(), v[b, :, :row.prefix].clone()) for k, v in recorded]
             if row.spec.frozen_route:
                 row.const = self._frozen_delta(row, slot_starts)
         return logits
@@ -379,9 +380,8 @@ class BlockTrainer:
         ids = torch.tensor([[e for e, _ in row.spec.frozen_route]], dtype=torch.int32,
                            device=x.device).expand(x.shape[0], -1)
         if slot_starts:  # expert_span='key': each frozen expert from its own matched token
-            position = torch.arange(x.shape[0], device=x.device)[:, None]
-            ids = torch.where(position >= torch.tensor(slot_starts, device=x.device)[None, :], ids,
-                              torch.full_like(ids, -1))
+            after = acts_from(torch.tensor([slot_starts], device=x.device), x.shape[0])[0]
+            ids = torch.where(after, ids, torch.full_like(ids, -1))
         weights = torch.tensor([[w for _, w in row.spec.frozen_route]], dtype=torch.float32,
                                device=x.device).expand(x.shape[0], -1)
         experts = {name: getattr(layer, name) for name in layer.weight_names}
@@ -456,8 +456,7 @@ class BlockTrainer:
 
     def _from_start(self, rows: list[_Row], length: int) -> torch.Tensor:
         """[B, T, 1] fp32: 1 from each row's expert start on, 0 before (``expert_span='key'``)."""
-        starts = torch.tensor([r.start for r in rows], device=self.device)
-        return (torch.arange(length, device=self.device)[None, :] >= starts[:, None]).float()[..., None]
+        return acts_from(torch.tensor([[r.start] for r in rows], device=self.device), length).float()
 
     def _pass(self, rows: list[_Row], active: dict[int, _Active], delta_override=None) -> torch.Tensor:
         """Forward and backward of one pass; adds each job's loss sums to its state. Returns
@@ -518,17 +517,24 @@ class BlockTrainer:
         own = causal[None] & real[:, None, :] | torch.eye(longest, dtype=torch.bool, device=device)[None]
         allowed = torch.cat([past_ok[:, None, :].expand(-1, longest, -1), own], dim=2)[:, None]
         pasts = self._padded_pasts(rows, longest_prefix)
+        pick = lambda t: t.expand(len(rows), -1, -1).gather(1, positions[..., None].expand(-1, -1, t.shape[-1]))
+        built: dict = {}  # the layers share their mask and rotary tensors: build each once per pass
+
+        def layer_inputs(mask, cos, sin):
+            key = (id(mask), id(cos), id(sin))
+            if key not in built:
+                if mask is not None and mask.dtype != torch.bool:  # an additive float mask
+                    mask = torch.zeros(allowed.shape, dtype=mask.dtype, device=device).masked_fill(
+                        ~allowed, torch.finfo(mask.dtype).min)
+                else:
+                    mask = allowed
+                built[key] = {"attention_mask": mask, "position_embeddings": (pick(cos), pick(sin))}
+            return built[key]
+
         for index, (block, (args, kwargs)) in enumerate(zip(self.upper, calls)):
-            cos, sin = kwargs["position_embeddings"]
-            pick = lambda t: t.expand(len(rows), -1, -1).gather(1, positions[..., None].expand(-1, -1, t.shape[-1]))
-            mask = kwargs.get("attention_mask")
-            if mask is not None and mask.dtype != torch.bool:  # an additive float mask
-                mask = torch.zeros(allowed.shape, dtype=mask.dtype, device=device).masked_fill(
-                    ~allowed, torch.finfo(mask.dtype).min)
-            else:
-                mask = allowed
             call = {key: value for key, value in kwargs.items() if key not in _CACHE_NAMES}
-            call.update(attention_mask=mask, position_ids=positions, position_embeddings=(pick(cos), pick(sin)))
+            call.update(layer_inputs(kwargs.get("attention_mask"), *kwargs["position_embeddings"]),
+                        position_ids=positions)
             call[self._cache_arg] = _PrefixCache(*pasts[index])
             out = block(h, **call)
             h = out[0] if isinstance(out, tuple) else out
@@ -695,9 +701,7 @@ class BlockTrainer:
                 raise ConfigError("expert_span='key': an ExpertJob needs its expert's anchors (ExpertJob.anchors) "
                                   "to know where the expert acts in each row, as LEMoELayer.route decides")
             if spec.anchors is not None:  # normalised as the layer stores them (add_expert)
-                anchors = spec.anchors.detach().to(self.device).float()
-                nonzero = anchors.abs().sum(dim=-1, keepdim=True) > 0
-                self.job_anchors[job] = torch.where(nonzero, l2_normalize(anchors), anchors)
+                self.job_anchors[job] = normalize_anchors(spec.anchors.detach().to(self.device))
             optimizer = torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=self.weight_decay)
             active[job] = _Active(params=params, optimizer=optimizer, rows=rows, counts=counts)
             admitted.append(job)
