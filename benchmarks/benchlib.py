@@ -256,6 +256,7 @@ def fill_random_experts(layer, count: int, seed: int, thresholds: Optional[torch
     layer.anchors = l2_normalize(anchors)
     if hasattr(layer, "anchor_expert"):  # one anchor per expert, anchor i owned by expert i
         layer.anchor_expert = torch.arange(count, dtype=torch.int32, device=device)
+        layer.anchor_window = torch.ones(count, dtype=torch.int32, device=device)  # one-token keys
     layer.thresholds = (thresholds.to(device=device, dtype=torch.float32) if thresholds is not None
                         else torch.full((count,), float("-inf"), device=device))
     layer.expert_info = [{"benchmark": True} for _ in range(count)]

@@ -4,7 +4,8 @@ gets when served (``Calibration``, used by ``editor.LifelongEditor``).
 
 * Query vectors: the forward pass stops where the query source is made (decoder layer N, or the
   embeddings), and a run computes each prompt once (``vector_cache``).
-* Keys: an edit's subject's last token (the record's subject, else ``keys.guess_subject``).
+* Keys: an edit's subject's last token (the record's subject, else ``keys.guess_subject``),
+  pooled with the subject's tokens before it, up to ``query_window`` tokens (``key_windows``).
 * Gate: a threshold sits ``gate_margin`` above the best score an unrelated prompt reaches on the
   anchor (prompts naming the edit's subject left out), never above its own edit's score.
 """
@@ -24,7 +25,7 @@ from .keys import guess_subject
 from .layer import LEMoELayer
 from .patching import adaptors_disabled, decoder_layers, query_mask
 from .planner import KEY_GROUP_SIMILARITY
-from .routing import route_scores
+from .routing import route_scores, window_mean
 from .tokens import collate, encode_pairs, pad_id
 
 
@@ -40,7 +41,7 @@ class Calibration:
         self.layer = layer
         self.unrelated_prompts = list(unrelated_prompts)
         self._unrelated_raw: Optional[list[torch.Tensor]] = None
-        self._unrelated_queries = None
+        self._unrelated_queries: dict[int, object] = {}  # key window -> the pool's queries
         self.vector_cache: Optional[dict[str, torch.Tensor]] = None  # prompt -> raw token vectors, during a run
         self.device = next(model.parameters()).device
         self.pad_id = pad_id(tokenizer)
@@ -109,14 +110,27 @@ class Calibration:
             computed = cache
         return [computed[p] for p in prompts]
 
-    def encode(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def encode(self, vectors: Sequence[torch.Tensor], window: int = 1) -> list[torch.Tensor]:
+        """Unit queries of per-prompt token vectors [n_i, d], each token pooled with the
+        ``window - 1`` before it (``routing.token_queries``, as the layer routes)."""
         encoder = self.layer.query_encoder
         with torch.no_grad():
-            return [encoder(v.to(self.device)).cpu() for v in vectors]
+            return [encoder(window_mean(v.to(self.device)[None], None, window)[0]).cpu() for v in vectors]
 
-    def token_queries(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+    def token_queries(self, prompts: Sequence[str], window: int = 1) -> list[torch.Tensor]:
         """Per prompt, the unit-norm routing query of each of its tokens, [n_i, key]."""
-        return self.encode(self.token_vectors(prompts))
+        return self.encode(self.token_vectors(prompts), window)
+
+    def scores(self, prompts: Sequence[str], anchors: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """Max-pooled scores [P, M] of ``prompts`` on ``anchors``, each anchor against queries of
+        its own key window (``windows`` [M]), exactly as the layer routes."""
+        vectors = self.token_vectors(prompts)
+        out = None
+        for window in sorted(set(windows.tolist())) or [1]:
+            padded, mask = _pad(self.encode(vectors, window))
+            part = _max_sim(padded, mask, anchors)
+            out = part if out is None else torch.where(windows == window, part, out)
+        return out
 
     def sequence_queries(self, prompts: Sequence[str]) -> torch.Tensor:
         """Mean-pooled unit queries of ``prompts`` [n, key] (the paper's instance query)."""
@@ -131,6 +145,36 @@ class Calibration:
             return layer._route(x)[0][:, 0].cpu()
         return torch.cat(self.run_prompts(prompts, capture))
 
+    def key_windows(self, edits: Sequence[EditRecord], positions: Sequence[int],
+                    lengths: Sequence[int]) -> torch.Tensor:
+        """Per edit, how many prompt tokens its key pools: its subject's tokens (the subject
+        ``key_positions`` keyed on), at most ``query_window``; 1 when the key is not the end of
+        a subject (the fallback key)."""
+        most = self.layer.config.query_window if self.max_pooling else 1
+        windows = []
+        for edit, position, length in zip(edits, positions, lengths):
+            window = 1
+            for subject in (edit.subject, guess_subject(edit.prompt)):
+                span = _subject_tokens(self.tokenizer, edit.prompt, subject)
+                if span is not None and _subject_last_token(self.tokenizer, edit.prompt, subject, length) == position:
+                    window = span[1] - span[0] + 1
+                    break
+            windows.append(max(1, min(most, window)))
+        return torch.tensor(windows, dtype=torch.int32)
+
+    def keys(self, edits: Sequence[EditRecord]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Max pooling: each edit's anchor (its key's query, pooled over its key window) [n, key]
+        and key window [n]."""
+        vectors = self.token_vectors([e.prompt for e in edits])
+        positions = self.key_positions(edits, self.encode(vectors))
+        windows = self.key_windows(edits, positions, [v.shape[0] for v in vectors])
+        anchors = [None] * len(edits)
+        for window in sorted(set(windows.tolist())):
+            chosen = [i for i, w in enumerate(windows.tolist()) if w == window]
+            for i, queries in zip(chosen, self.encode([vectors[i] for i in chosen], window)):
+                anchors[i] = queries[positions[i]]
+        return torch.stack(anchors), windows
+
     def unrelated_vectors(self) -> list[torch.Tensor]:
         """Raw token vectors of the unrelated prompts: computed once (the layers below the query
         source are frozen), then centred/encoded as needed."""
@@ -143,20 +187,22 @@ class Calibration:
         vectors = torch.cat(self.token_vectors(prompts) + self.unrelated_vectors())
         with torch.no_grad():
             self.layer.query_encoder.center.copy_(vectors.mean(dim=0).to(self.device))
-        self._unrelated_queries = None
+        self._unrelated_queries = {}
 
-    def unrelated(self):
-        """The unrelated prompts' queries: ``_FlatQueries`` (max pooling: every token, flat, no
-        padding to the longest prompt) or [P, key] pooled queries (mean pooling)."""
-        if self._unrelated_queries is None:
+    def unrelated(self, window: int = 1):
+        """The unrelated prompts' queries: ``_FlatQueries`` (max pooling: every token, pooled
+        over ``window`` tokens, flat, no padding to the longest prompt) or [P, key] pooled
+        queries (mean pooling)."""
+        if window not in self._unrelated_queries:
             raw = self.unrelated_vectors()
             if self.max_pooling:
-                self._unrelated_queries = _FlatQueries.of(self.encode(raw))
+                self._unrelated_queries[window] = _FlatQueries.of(self.encode(raw, window))
             else:
-                self._unrelated_queries = self.pooled_queries(raw)
-        return self._unrelated_queries
+                self._unrelated_queries[window] = self.pooled_queries(raw)
+        return self._unrelated_queries[window]
 
-    def unrelated_best(self, edits: Sequence[EditRecord], anchors: torch.Tensor) -> torch.Tensor:
+    def unrelated_best(self, edits: Sequence[EditRecord], anchors: torch.Tensor,
+                       windows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per anchor (one per edit, max pooling), the best score an unrelated prompt reaches on
         it, leaving out the unrelated prompts that name that edit's subject: a question about the
         subject is not unrelated to it, and counting it would shut the gate on its paraphrases.
@@ -165,7 +211,11 @@ class Calibration:
         case-sensitively as a whole name (not inside a longer capitalised or hyphenated name:
         "Guinea" does not name "Papua New Guinea"); when every unrelated prompt names it, none is
         left out (an empty pool would leave the gate open)."""
-        scores = self.unrelated().best(anchors)                                  # [P, M]
+        windows = torch.ones(anchors.shape[0], dtype=torch.int32) if windows is None else windows
+        scores = None
+        for window in sorted(set(windows.tolist())):                              # [P, M]
+            part = self.unrelated(window).best(anchors)
+            scores = part if scores is None else torch.where(windows == window, part, scores)
         for column, edit in enumerate(edits):
             if not edit.subject:
                 continue
@@ -198,8 +248,8 @@ class Calibration:
             positions.append(position)
         return positions
 
-    def new_anchors(self, edits: Sequence[EditRecord]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Anchors of the batch's new expert and their gate thresholds (cosine).
+    def new_anchors(self, edits: Sequence[EditRecord]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Anchors of the batch's new expert, their gate thresholds (cosine) and key windows.
 
         A threshold sits ``gate_margin`` above the best score an unrelated prompt reaches on that
         anchor (``_unrelated_best``: prompts naming the edit's subject left out), but never above
@@ -207,19 +257,17 @@ class Calibration:
         margin = self.layer.config.gate_margin
         prompts = [e.prompt for e in edits]
         if self.max_pooling:
-            queries = self.token_queries(prompts)
-            positions = self.key_positions(edits, queries)
-            anchors = torch.stack([q[p] for q, p in zip(queries, positions)])
-            unrelated_best = self.unrelated_best(edits, anchors)
-            padded, mask = _pad(queries)
-            own = _max_sim(padded, mask, anchors).diagonal()
+            anchors, windows = self.keys(edits)
+            unrelated_best = self.unrelated_best(edits, anchors, windows)
+            own = self.scores(prompts, anchors, windows).diagonal()
         else:
             queries = self.sequence_queries(prompts)
             anchors = F.normalize(queries.mean(dim=0, keepdim=True), dim=-1)
+            windows = torch.ones(1, dtype=torch.int32)
             unrelated_best = (self.unrelated() @ anchors.T).max(dim=0).values
             own = (queries @ anchors.T).min(dim=0).values
         thresholds = torch.minimum(unrelated_best + margin, own - 1e-6)
-        return anchors, thresholds
+        return anchors, thresholds, windows
 
     def calibrate(self, batches: Sequence[Sequence[EditRecord]]) -> list["Calibrated"]:
         """Everything decided before training, for every batch of a run: anchors, gate
@@ -231,28 +279,30 @@ class Calibration:
         known = layer.anchors.float().cpu()
         owners = [layer.anchor_expert.long().cpu()]
         thresholds = [layer.gate_thresholds().float().cpu()]
+        windows_all = [layer.anchor_window.cpu()]
         anchors_all = [known]
         for number, edits in enumerate(batches):
-            anchors, gates = self.new_anchors(edits)
+            anchors, gates, windows = self.new_anchors(edits)
             shared = 0
             seen = torch.cat(anchors_all)
             if seen.shape[0]:
                 similarity = F.normalize(anchors.float(), dim=-1) @ seen.T
                 shared = int((similarity.max(dim=1).values >= KEY_GROUP_SIMILARITY).sum())
             out.append(Calibrated(edits=list(edits), expert=first + number, anchors=anchors, thresholds=gates,
-                                   shared_keys=shared))
+                                   shared_keys=shared, windows=windows))
             anchors_all.append(F.normalize(anchors.float(), dim=-1))
+            windows_all.append(windows)
             owners.append(torch.full((anchors.shape[0],), first + number, dtype=torch.long))
             thresholds.append(gates.float() if layer.config.gate else torch.full_like(gates.float(), float("-inf")))
         anchors_all, owners, thresholds = torch.cat(anchors_all), torch.cat(owners), torch.cat(thresholds)
+        windows_all = torch.cat(windows_all)
         prompts = [e.prompt for c in out for e in c.edits]
         own = torch.tensor([c.expert for c in out for _ in c.edits])
         routes = []
         for start in range(0, len(prompts), 256):
             chunk = prompts[start:start + 256]
             if self.max_pooling:
-                padded, mask = _pad(self.token_queries(chunk))
-                scores = _max_sim(padded, mask, anchors_all)
+                scores = self.scores(chunk, anchors_all, windows_all)
             else:
                 scores = self.sequence_queries(chunk) @ anchors_all.T
             later = owners.unsqueeze(0) > own[start:start + len(chunk)].unsqueeze(1)
@@ -279,6 +329,7 @@ class Calibrated:
     anchors: torch.Tensor
     thresholds: torch.Tensor
     shared_keys: int
+    windows: torch.Tensor = None  # per anchor: how many prompt tokens its key pools
     routes: list = field(default_factory=list)  # per edit: (expert ids, weights) when served
 
 
@@ -331,6 +382,23 @@ def _max_sim(padded: torch.Tensor, mask: torch.Tensor, anchors: torch.Tensor) ->
     """Max-pooled scores [P, M]: each prompt's best token against each anchor."""
     scores = padded @ anchors.T.cpu()
     return scores.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(dim=1).values
+
+
+def _subject_tokens(tokenizer, prompt: str, subject: Optional[str]) -> Optional[tuple[int, int]]:
+    """(first, last) index of the tokens of ``subject``'s last mention in ``prompt`` (tokenised
+    without special tokens), or None (not found, or a slow tokenizer without offsets)."""
+    if not subject:
+        return None
+    start = prompt.rfind(subject)
+    if start < 0:
+        return None
+    end = start + len(subject)
+    try:
+        offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError):
+        return None
+    hits = [i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
+    return (hits[0], hits[-1]) if hits else None
 
 
 def _subject_last_token(tokenizer, prompt: str, subject: Optional[str], n_tokens: int) -> Optional[int]:

@@ -45,6 +45,8 @@ def _editor_config(args) -> tuple:
         overrides["expert_hidden"] = args.expert_hidden
     if getattr(args, "expert_span", None) is not None:
         overrides["expert_span"] = args.expert_span
+    if getattr(args, "query_window", None) is not None:
+        overrides["query_window"] = args.query_window
     return LEMoEConfig(seed=args.seed, **overrides), EditorConfig(train_eos=not args.no_train_eos,
                                                                   block_size=getattr(args, "block_size", None),
                                                                   negatives=args.negatives,
@@ -138,9 +140,10 @@ def cmd_edit(args) -> int:
     from .errors import ConfigError
     from .storage import adaptor_lock, check_save_target
 
-    if args.adaptor and (args.layer is not None or args.expert_hidden is not None or args.expert_span is not None):
-        raise ConfigError("--layer, --expert-hidden and --expert-span cannot change an existing adaptor "
-                          "(--adaptor): its new experts keep its config")
+    if args.adaptor and any(value is not None for value in (args.layer, args.expert_hidden, args.expert_span,
+                                                            args.query_window)):
+        raise ConfigError("--layer, --expert-hidden, --expert-span and --query-window cannot change an "
+                          "existing adaptor (--adaptor): its new experts keep its config")
     edits = load_edit_file(args.edits, limit=args.limit, skip_invalid=args.skip_invalid)
     check_save_target(args.out)  # before the model loads: never edit for minutes, then refuse to save
     if args.unrelated:
@@ -278,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--expert-span", choices=("key", "prompt"), default=None,
                        help="tokens an expert acts on: from its matched key token on (default), or "
                             "every prompt token (the paper)")
+        p.add_argument("--query-window", type=int, default=None,
+                       help="prompt tokens each routing query pools, the token and those before it "
+                            "(default 3; 1 = each token alone)")
         from .editor import DEFAULT_BATCH_SIZE, DEFAULT_PLAN
         from .planner import PLANS
         p.add_argument("--plan", choices=PLANS, default=DEFAULT_PLAN,

@@ -226,7 +226,7 @@ class LifelongEditor:
                               seed=layer.config.seed * 1_000_003 + calibrated.expert, device=self.device,
                               dtype=layer.expert_dtype)
         return ExpertJob(weights={name: w.float() for name, w in weights.items()}, rows=rows,
-                         anchors=calibrated.anchors)
+                         anchors=calibrated.anchors, anchor_windows=calibrated.windows)
 
     def _negative_prompts(self, calibrated: Calibrated) -> list[str]:
         """Same-subject prompts from the negative bank for the expert's subjects, and the prompts
@@ -329,7 +329,7 @@ class LifelongEditor:
 
         def commit() -> None:
             if ready:
-                layer.add_experts([dict(anchors=c.anchors, thresholds=c.thresholds, weights=r.weights,
+                layer.add_experts([dict(anchors=c.anchors, thresholds=c.thresholds, windows=c.windows, weights=r.weights,
                                         info={"n_edits": len(c.edits)}) for c, r in ready])
                 ready.clear()
 
@@ -499,12 +499,9 @@ class LifelongEditor:
         their pooled queries), so a batch is a region of routing space."""
         if self.layer.num_experts == 0 and not self.layer.query_encoder.center.any():
             self.calibration.fit_center([e.prompt for e in edits])
-        prompts = [e.prompt for e in edits]
         if self.calibration.max_pooling:
-            queries = self.calibration.token_queries(prompts)
-            positions = self.calibration.key_positions(edits, queries)
-            return torch.stack([q[p] for q, p in zip(queries, positions)]).numpy()
-        return self.calibration.sequence_queries(prompts).numpy()
+            return self.calibration.keys(edits)[0].numpy()
+        return self.calibration.sequence_queries([e.prompt for e in edits]).numpy()
 
     def remove_last_batch(self) -> None:
         """Roll back the newest expert (the last edit batch)."""

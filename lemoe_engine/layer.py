@@ -60,6 +60,8 @@ class LEMoELayer(nn.Module):
         # anchors (keys) of all experts; expert i owns the rows where anchor_expert == i
         self.register_buffer("anchors", torch.zeros(0, key_dim, device=device))
         self.register_buffer("anchor_expert", torch.zeros(0, dtype=torch.int32, device=device))
+        # how many prompt tokens each anchor's key pools (1..config.query_window; routing.token_queries)
+        self.register_buffer("anchor_window", torch.zeros(0, dtype=torch.int32, device=device))
         self.register_buffer("thresholds", torch.zeros(0, device=device))
         width = config.expert_hidden
         shapes = {"w_up": (0, hidden_size, width), "w_gate": (0, hidden_size, width),
@@ -101,12 +103,14 @@ class LEMoELayer(nn.Module):
         return self.w_up.shape[0]
 
     def add_expert(self, anchors: Optional[torch.Tensor] = None, thresholds: Any = float("-inf"),
-                   trainable: bool = True, **info: Any) -> int:
+                   trainable: bool = True, windows: Any = 1, **info: Any) -> int:
         """Append a new expert (an exact no-op until trained) and return its index.
 
         ``anchors``: its key(s), [key_dim] or [n, key_dim] (normalised to unit length); an
         input is routed to the expert whose best anchor matches it best. ``thresholds``: one
-        gate threshold per anchor (a float applies to all; -inf = never gated).
+        gate threshold per anchor (a float applies to all; -inf = never gated). ``windows``: per
+        anchor, how many prompt tokens its key pools (an int applies to all; see
+        ``routing.token_queries``).
         ``trainable=True`` makes its weights trainable parameters (older experts stay frozen);
         call ``freeze_expert`` when its batch is done. ``info`` is free-form metadata saved with
         the adaptor (e.g. ``n_edits``).
@@ -122,6 +126,10 @@ class LEMoELayer(nn.Module):
             raise ConfigError(f"anchors must have shape [n >= 1, {self.anchors.shape[1]}], "
                               f"got {tuple(anchors.shape)}")
         thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=device).expand(anchors.shape[0])
+        windows = torch.as_tensor(windows, dtype=torch.int32, device=device).expand(anchors.shape[0])
+        if bool((windows < 1).any()) or bool((windows > max(self.config.query_window, 1)).any()):
+            raise ConfigError(f"anchor windows must be in 1..query_window ({self.config.query_window}), "
+                              f"got {windows.tolist()}")
         weights = init_expert(self.hidden_size, self.config.expert_hidden, self.config.expert_gated,
                               seed=self.config.seed * 1_000_003 + index, device=device,
                               dtype=self.expert_dtype)
@@ -129,6 +137,7 @@ class LEMoELayer(nn.Module):
         self.anchor_expert = torch.cat([self.anchor_expert, torch.full(
             (anchors.shape[0],), index, dtype=torch.int32, device=device)])
         self.thresholds = torch.cat([self.thresholds, thresholds.clone()])
+        self.anchor_window = torch.cat([self.anchor_window, windows.clone()])
         if trainable:
             for name in self.weight_names:
                 self.trainable[name] = nn.Parameter(weights[name].float())
@@ -153,7 +162,7 @@ class LEMoELayer(nn.Module):
         indices, new = [], {name: [] for name in self.weight_names}
         for spec in experts:
             indices.append(self.add_expert(spec["anchors"], spec["thresholds"], trainable=True,
-                                           **spec.get("info", {})))
+                                           windows=spec.get("windows", 1), **spec.get("info", {})))
             self.trainable = nn.ParameterDict()  # its stack rows are the given weights, below
             for name in self.weight_names:
                 new[name].append(spec["weights"][name].detach())
@@ -183,6 +192,7 @@ class LEMoELayer(nn.Module):
         self.anchors = self.anchors[keep].clone()
         self.anchor_expert = torch.where(owners > index, owners - 1, owners).clone()
         self.thresholds = self.thresholds[keep].clone()
+        self.anchor_window = self.anchor_window[keep].clone()
         self.expert_info.pop(index)
         for entry in self.ledger:  # ledger entries follow their experts' new ids
             if entry.expert is not None and entry.expert >= index:
@@ -194,7 +204,7 @@ class LEMoELayer(nn.Module):
         run that drops older experts before training their replacements rolls back with it."""
         if len(self.trainable):
             raise ConfigError("an expert is being trained: freeze it before taking a snapshot")
-        names = (*self.weight_names, "anchors", "anchor_expert", "thresholds")
+        names = (*self.weight_names, "anchors", "anchor_expert", "anchor_window", "thresholds")
         return {"tensors": {name: getattr(self, name).detach().clone() for name in names},
                 "expert_info": copy.deepcopy(self.expert_info), "ledger": copy.deepcopy(self.ledger)}
 
@@ -270,6 +280,12 @@ class LEMoELayer(nn.Module):
                 "(or use query_source='hidden' for a standalone layer)")
         return source
 
+    def token_queries(self, x: torch.Tensor, windows: Optional[int] = None) -> torch.Tensor:
+        """Unit queries of every token of ``x``'s prompts pooled over 1..``windows`` tokens
+        (default: the most any anchor pools), [W, B, T, key] (``routing.token_queries``)."""
+        windows = self._anchor_layout()[2] if windows is None else windows
+        return routing.token_queries(self.query_encoder, self.token_vectors(x), self.prompt_mask(x), windows)
+
     def prompt_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """[B, T] mask of the positions a sequence is routed by (its prompt, no padding)."""
         mask = self._context.attention_mask
@@ -288,7 +304,7 @@ class LEMoELayer(nn.Module):
         """Cosine score of every anchor: [B*T, M] for token routing, [B, M] for sequence routing
         (mean pooling: of the pooled query; max pooling: of the best-matching prompt token)."""
         return routing.anchor_scores(self.config, self.query_encoder, self.anchors, self.token_vectors(x),
-                                     self.prompt_mask(x))
+                                     self.prompt_mask(x), self.anchor_window, self._anchor_layout()[2])
 
     def route(self, x: torch.Tensor, store: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids and weights per token, [B*T, top_k] each.
@@ -325,9 +341,10 @@ class LEMoELayer(nn.Module):
         """For a sequence route ``ids`` [B, k] of batch ``x``, the prompt position from which each
         slot's expert acts (``expert_span='key'``): the token whose query best matches that
         expert's anchors (``routing.expert_key_positions``), int64 [B, k]."""
-        start, max_anchors = self._anchor_layout()
+        start, max_anchors, windows = self._anchor_layout()
         return routing.expert_key_positions(self.query_encoder, self.anchors, start, max_anchors,
-                                            self.token_vectors(x), self.prompt_mask(x), ids)
+                                            self.token_vectors(x), self.prompt_mask(x), ids,
+                                            self.anchor_window, windows)
 
     def _keep_sequence_route(self, ids: torch.Tensor, weights: torch.Tensor):
         """Store a fresh sequence route in persistent buffers: a route of the same shape is
@@ -351,24 +368,29 @@ class LEMoELayer(nn.Module):
         ``routing.route`` (eager reference, or the fused kernels on the triton backend)."""
         use_kernels = self._use_kernels(x)
         mask = self.prompt_mask(x) if self.config.routing == "sequence" else None
+        windows = self._anchor_layout()[2]
         return routing.route(self.config, self.query_encoder, self.anchors, self.anchor_expert,
                              self.gate_thresholds(), self.num_experts, self.token_vectors(x), mask,
                              use_kernels=use_kernels,
-                             expert_start=self._expert_start() if use_kernels else None)
+                             expert_start=self._expert_start() if use_kernels else None,
+                             anchor_window=self.anchor_window if windows > 1 else None, windows=windows)
 
     def _expert_start(self) -> torch.Tensor:
         """``routing.expert_starts`` of the anchors, cached until the anchor table changes."""
         return self._anchor_layout()[0]
 
-    def _anchor_layout(self) -> tuple[torch.Tensor, int]:
-        """(``routing.expert_starts``, the most anchors one expert owns), cached until the anchor
-        table changes (the count is read on the host once per change, never per call)."""
-        owner = self.anchor_expert
-        key = (owner.data_ptr(), owner._version, owner.shape[0], self.num_experts, owner.device)
+    def _anchor_layout(self) -> tuple[torch.Tensor, int, int]:
+        """(``routing.expert_starts``, the most anchors one expert owns, the most tokens one
+        anchor's key pools), cached until the anchor table changes (the counts are read on the
+        host once per change, never per call)."""
+        owner, window = self.anchor_expert, self.anchor_window
+        key = (owner.data_ptr(), owner._version, owner.shape[0], self.num_experts, owner.device,
+               window.data_ptr(), window._version)
         if self._expert_start_cache is None or self._expert_start_cache[0] != key:
             start = routing.expert_starts(owner, self.num_experts)
             most = int((start[1:] - start[:-1]).max()) if self.num_experts else 0
-            self._expert_start_cache = (key, (start, most))
+            windows = int(window.max()) if window.numel() else 1
+            self._expert_start_cache = (key, (start, most, windows))
         return self._expert_start_cache[1]
 
     # ------------------------------------------------------------------ forward

@@ -44,6 +44,43 @@ def acts_from(starts: torch.Tensor, length: int) -> torch.Tensor:
     return torch.arange(length, device=starts.device)[None, :, None] >= starts[:, None, :]
 
 
+def window_mean(vectors: torch.Tensor, mask: Optional[torch.Tensor], window: int) -> torch.Tensor:
+    """[B, T, d]: at each position, the mean of the vectors of it and the ``window - 1`` positions
+    before it, counting only positions where ``mask`` [B, T] is non-zero (padding, a target
+    after its prompt); a masked position keeps its own vector. ``window=1``: ``vectors``."""
+    if window <= 1:
+        return vectors
+    weights = (torch.ones(vectors.shape[:2], device=vectors.device) if mask is None
+               else mask.to(device=vectors.device, dtype=torch.float32))
+    # a running sum taken window by window (a cumulative sum over a long prompt loses fp32 bits)
+    padded = F.pad((vectors.float() * weights.unsqueeze(-1)).transpose(1, 2), (window - 1, 0))
+    counts = F.pad(weights.unsqueeze(1), (window - 1, 0))
+    summed = padded.unfold(2, window, 1).sum(-1).transpose(1, 2)                     # [B, T, d]
+    count = counts.unfold(2, window, 1).sum(-1).transpose(1, 2)                      # [B, T, 1]
+    mean = (summed / count.clamp_min(1.0)).to(vectors.dtype)
+    return torch.where(weights.unsqueeze(-1) > 0, mean, vectors)
+
+
+def token_queries(encoder: "QueryEncoder", vectors: torch.Tensor, mask: Optional[torch.Tensor],
+                  windows: int) -> torch.Tensor:
+    """Unit queries of every token pooled over 1..``windows`` tokens, [W, B, T, key]: ``[w - 1]``
+    is made of ``window_mean(vectors, mask, w)``, the token and the ``w - 1`` prompt tokens
+    before it. An anchor of window w (``LEMoELayer.anchor_window``) is scored against ``[w - 1]``
+    only: a key made of a subject's last tokens meets the same tokens, not the last one alone."""
+    return torch.stack([encoder(window_mean(vectors, mask, w)) for w in range(1, windows + 1)])
+
+
+def window_scores(queries: torch.Tensor, anchors: torch.Tensor,
+                  anchor_window: Optional[torch.Tensor]) -> torch.Tensor:
+    """Scores [B, T, M] of queries [W, B, T, key] (``token_queries``) against anchors [M, key],
+    each anchor against the queries of its own window (``anchor_window`` [M], 1..W; None: all 1)."""
+    scores = queries[0] @ anchors.T
+    for w in range(2, queries.shape[0] + 1):
+        if anchor_window is not None:
+            scores = torch.where(anchor_window.to(scores.device) == w, queries[w - 1] @ anchors.T, scores)
+    return scores
+
+
 def masked_mean(vectors: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean of ``vectors[B, T, d]`` over positions where ``mask[B, T]`` is non-zero (fp32)."""
     vectors = vectors.float()
@@ -138,15 +175,18 @@ def route_reference(
 
 
 def anchor_scores(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Tensor,
-                  vectors: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+                  vectors: torch.Tensor, mask: Optional[torch.Tensor],
+                  anchor_window: Optional[torch.Tensor] = None, windows: int = 1) -> torch.Tensor:
     """Eager cosine score of every anchor: [B*T, M] for token routing, [B, M] for sequence
-    routing (mean pooling: of the pooled query; max pooling: of the best-matching prompt token).
-    ``vectors`` [B, T, d] are the per-token query sources, ``mask`` [B, T] the prompt (or None)."""
+    routing (mean pooling: of the pooled query; max pooling: of the best-matching prompt token,
+    each anchor against queries of its own window, ``window_scores``; ``windows`` >= the
+    largest ``anchor_window``). ``vectors`` [B, T, d] are the per-token query sources, ``mask``
+    [B, T] the prompt (or None)."""
     if config.routing == "token":
         return encoder(vectors.reshape(-1, vectors.shape[-1])) @ anchors.T
     if config.query_pooling == "mean":
         return encoder(masked_mean(vectors, mask)) @ anchors.T
-    scores = encoder(vectors) @ anchors.T                                     # [B, T, M]
+    scores = window_scores(token_queries(encoder, vectors, mask, windows), anchors, anchor_window)  # [B, T, M]
     if mask is not None:
         scores = scores.masked_fill(mask.unsqueeze(-1) == 0, float("-inf"))
     return scores.max(dim=1).values
@@ -154,22 +194,32 @@ def anchor_scores(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Ten
 
 def route_eager(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Tensor,
                 anchor_expert: torch.Tensor, thresholds: torch.Tensor, num_experts: int,
-                vectors: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                vectors: torch.Tensor, mask: Optional[torch.Tensor],
+                anchor_window: Optional[torch.Tensor] = None, windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: ``route_scores(anchor_scores(...))``. ``thresholds`` are the gate's
     (-inf everywhere when the gate is off)."""
-    return route_scores(anchor_scores(config, encoder, anchors, vectors, mask), thresholds, anchor_expert,
-                        num_experts, config.top_k, config.temperature)
+    return route_scores(anchor_scores(config, encoder, anchors, vectors, mask, anchor_window, windows), thresholds,
+                        anchor_expert, num_experts, config.top_k, config.temperature)
 
 
 def best_match_position(queries: torch.Tensor, anchors: torch.Tensor,
                         token_mask: Optional[torch.Tensor] = None,
-                        anchor_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        anchor_mask: Optional[torch.Tensor] = None,
+                        anchor_window: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Index of the token whose query best matches any of the anchors, [B] (int64): queries
-    [B, T, key], anchors [B, A, key] (unit-norm), ``token_mask`` [B, T] (the prompt),
-    ``anchor_mask`` [B, A] (which anchors count). Ties go to the earliest token; a row with no
-    token or no anchor gets 0. The one rule for ``expert_span='key'``: the layer applies it to
-    a served route's experts, the trainer to each training row."""
-    scores = torch.einsum("btd,bad->bta", queries.float(), anchors.float())
+    [W, B, T, key] (``token_queries``; [B, T, key] = one window), anchors [B, A, key]
+    (unit-norm), each scored against the queries of its ``anchor_window`` [B, A] (None: 1),
+    ``token_mask`` [B, T] (the prompt), ``anchor_mask`` [B, A] (which anchors count). Ties go
+    to the earliest token; a row with no token or no anchor gets 0. The one rule for
+    ``expert_span='key'``: the layer applies it to a served route's experts, the trainer to
+    each training row."""
+    if queries.dim() == 3:
+        queries = queries.unsqueeze(0)
+    scores = torch.einsum("btd,bad->bta", queries[0].float(), anchors.float())
+    for w in range(2, queries.shape[0] + 1):
+        if anchor_window is not None:
+            scores = torch.where((anchor_window.to(scores.device) == w)[:, None, :],
+                                 torch.einsum("btd,bad->bta", queries[w - 1].float(), anchors.float()), scores)
     if anchor_mask is not None:
         scores = scores.masked_fill(~anchor_mask.bool()[:, None, :], float("-inf"))
     best = scores.amax(dim=2) if scores.shape[2] else scores.new_full(scores.shape[:2], float("-inf"))
@@ -181,13 +231,14 @@ def best_match_position(queries: torch.Tensor, anchors: torch.Tensor,
 
 def expert_key_positions(encoder: QueryEncoder, anchors: torch.Tensor, expert_start: torch.Tensor,
                          max_anchors: int, vectors: torch.Tensor, mask: Optional[torch.Tensor],
-                         ids: torch.Tensor) -> torch.Tensor:
+                         ids: torch.Tensor, anchor_window: Optional[torch.Tensor] = None,
+                         windows: int = 1) -> torch.Tensor:
     """Per sequence route slot, the prompt position where its expert's key matched: int64
     [B, k] (``best_match_position`` of the prompt's token queries against the expert's own
     anchors; empty slots: 0). ``expert_start`` as ``expert_starts``; ``max_anchors`` the most
-    anchors an expert owns."""
+    anchors an expert owns; ``anchor_window`` / ``windows`` as ``anchor_scores``."""
     batch, k = ids.shape
-    queries = encoder(vectors)                                              # [B, T, key]
+    queries = token_queries(encoder, vectors, mask, windows)                # [W, B, T, key]
     expert = ids.long().clamp_min(0)
     first = expert_start.long()[expert]                                     # [B, k]
     count = expert_start.long()[expert + 1] - first
@@ -195,9 +246,10 @@ def expert_key_positions(encoder: QueryEncoder, anchors: torch.Tensor, expert_st
     rows = (first[..., None] + offset).clamp_max(max(anchors.shape[0] - 1, 0))
     owned = (offset < count[..., None]) & (ids[..., None] >= 0)             # [B, k, A]
     chosen = anchors[rows.reshape(-1)].reshape(batch * k, offset.numel(), anchors.shape[1])
+    chosen_window = None if anchor_window is None else anchor_window[rows.reshape(-1)].reshape(batch * k, -1)
     tokens = None if mask is None else mask.repeat_interleave(k, dim=0)
-    position = best_match_position(queries.repeat_interleave(k, dim=0), chosen, tokens,
-                                   owned.reshape(batch * k, -1))
+    position = best_match_position(queries.repeat_interleave(k, dim=1), chosen, tokens,
+                                   owned.reshape(batch * k, -1), chosen_window)
     return position.reshape(batch, k)
 
 
@@ -211,7 +263,8 @@ def expert_starts(anchor_expert: torch.Tensor, num_experts: int) -> torch.Tensor
 def route_kernels(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Tensor,
                   anchor_expert: torch.Tensor, thresholds: torch.Tensor, num_experts: int,
                   vectors: torch.Tensor, mask: Optional[torch.Tensor],
-                  expert_start: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  expert_start: Optional[torch.Tensor] = None, anchor_window: Optional[torch.Tensor] = None,
+                  windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``route_eager``'s contract through the Triton kernels (queries are encoded eagerly).
 
     One anchor per expert and one query per row (token routing, mean pooling): the fused
@@ -228,19 +281,27 @@ def route_kernels(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Ten
         if anchors.shape[0] == num_experts:
             return anchor_route(queries, anchors, thresholds, config.top_k, config.temperature)
         queries, mask = queries.unsqueeze(1), None
+    elif windows > 1:                                                     # [W, B, T, key_dim]
+        queries = token_queries(encoder, vectors, mask, windows).contiguous()
     else:
         queries = encoder(vectors).contiguous()                           # [B, T, key_dim]
     if expert_start is None:
         expert_start = expert_starts(anchor_expert, num_experts)
-    return pooled_route(queries, mask, anchors, expert_start, thresholds, config.top_k, config.temperature)
+    window = anchor_window.to(torch.int32).contiguous() if queries.dim() == 4 else None
+    return pooled_route(queries, mask, anchors, expert_start, thresholds, config.top_k, config.temperature,
+                        anchor_window=window)
 
 
 def route(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Tensor, anchor_expert: torch.Tensor,
           thresholds: torch.Tensor, num_experts: int, vectors: torch.Tensor, mask: Optional[torch.Tensor],
-          use_kernels: bool = False, expert_start: Optional[torch.Tensor] = None):
+          use_kernels: bool = False, expert_start: Optional[torch.Tensor] = None,
+          anchor_window: Optional[torch.Tensor] = None, windows: int = 1):
     """Expert ids (int32) and weights (fp32), [rows, top_k]: rows = B*T for token routing, B
-    for sequence routing. ``use_kernels``: the Triton path (CUDA, or the CPU interpreter)."""
+    for sequence routing. ``use_kernels``: the Triton path (CUDA, or the CPU interpreter).
+    ``anchor_window`` [M] (1..``windows``): how many tokens each anchor's key pools
+    (``token_queries``; max pooling only, None = 1)."""
     if use_kernels:
         return route_kernels(config, encoder, anchors, anchor_expert, thresholds, num_experts,
-                             vectors, mask, expert_start)
-    return route_eager(config, encoder, anchors, anchor_expert, thresholds, num_experts, vectors, mask)
+                             vectors, mask, expert_start, anchor_window, windows)
+    return route_eager(config, encoder, anchors, anchor_expert, thresholds, num_experts, vectors, mask,
+                       anchor_window, windows)

@@ -38,12 +38,14 @@ from .layer import LEMoELayer
 from .ledger import entries_from_manifest
 from .patching import attach, base_identity, find_layer
 
-FORMAT_VERSION = 3
-"""Version written. 3 added ``config.expert_span`` (experts act from their key token on, by
-default); versions 1-2 load with ``expert_span='prompt'``, the only behaviour they knew. 2 added
-``revision``, ``manifest_sha256`` and the edit ledger (``edits``); version 1 loads with an empty
-ledger."""
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+"""Version written. 4 added ``config.query_window`` and the tensor ``anchor_window`` (how many
+prompt tokens each anchor's key pools); versions 1-3 load with ``query_window=1`` and one-token
+keys. 3 added ``config.expert_span`` (experts act from
+their key token on, by default); versions 1-2 load with ``expert_span='prompt'``, the only
+behaviour they knew. 2 added ``revision``, ``manifest_sha256`` and the edit ledger (``edits``);
+version 1 loads with an empty ledger."""
+READABLE_VERSIONS = (1, 2, 3, 4)
 TENSORS_FILE = "adaptor.safetensors"
 MANIFEST_FILE = "adaptor.json"
 ADAPTOR_FILES = (MANIFEST_FILE, TENSORS_FILE)
@@ -67,7 +69,7 @@ def _manifest_digest(manifest: dict[str, Any]) -> str:
 
 def _layer_tensors(layer: LEMoELayer) -> dict[str, torch.Tensor]:
     tensors = {"anchors": layer.anchors, "anchor_expert": layer.anchor_expert, "thresholds": layer.thresholds,
-               "query_center": layer.query_encoder.center}
+               "anchor_window": layer.anchor_window, "query_center": layer.query_encoder.center}
     if layer.query_encoder.has_projection:
         tensors["query_down"] = layer.query_encoder.down
         tensors["query_up"] = layer.query_encoder.up
@@ -328,6 +330,8 @@ def _check_compatible(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
                 "w_up": (count, d, width), "w_down": (count, width, d)}
     if config.expert_gated:
         expected["w_gate"] = (count, d, width)
+    if manifest.get("format_version", 0) >= 4:
+        expected["anchor_window"] = (n_anchors,)
     if config.query_hidden > 0:
         expected["query_down"] = (d, config.query_hidden)
         expected["query_up"] = (config.query_hidden, config.key_dim)
@@ -336,10 +340,13 @@ def _check_compatible(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
             found = tuple(tensors[name].shape) if name in tensors else "missing"
             raise AdaptorError(f"adaptor {folder}: tensor '{name}' should have shape {shape}, found {found}")
         tensor = tensors[name]
-        if name == "anchor_expert":
+        if name in ("anchor_expert", "anchor_window"):
             if tensor.dtype not in (torch.int32, torch.int64):
-                raise AdaptorError(f"adaptor {folder}: tensor 'anchor_expert' must hold integers, "
+                raise AdaptorError(f"adaptor {folder}: tensor '{name}' must hold integers, "
                                    f"found {tensor.dtype}")
+            if name == "anchor_window" and tensor.numel() and (tensor.min() < 1 or tensor.max() > config.query_window):
+                raise AdaptorError(f"adaptor {folder}: tensor 'anchor_window' must hold values in "
+                                   f"1..query_window ({config.query_window})")
         elif not tensor.is_floating_point():
             raise AdaptorError(f"adaptor {folder}: tensor '{name}' must be floating point, found {tensor.dtype}")
         elif name == "thresholds":
@@ -365,8 +372,11 @@ def _check_compatible(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
 def saved_config(manifest: dict) -> Any:
     """The manifest's config dict, with what older formats left implicit made explicit."""
     config = manifest.get("config")
-    if isinstance(config, dict) and manifest.get("format_version", 0) < 3:
+    version = manifest.get("format_version", 0)
+    if isinstance(config, dict) and version < 3:
         config = {"expert_span": "prompt", **config}
+    if isinstance(config, dict) and version < 4:
+        config = {"query_window": 1, **config}
     return config
 
 
@@ -391,6 +401,10 @@ def load(model: nn.Module, path: PathLike, backend: str = "auto") -> LEMoELayer:
         layer.anchors = tensors["anchors"].to(layer.anchors)
         layer.anchor_expert = tensors["anchor_expert"].to(layer.anchor_expert)
         layer.thresholds = tensors["thresholds"].to(layer.thresholds)
+        # format 4 added per-anchor key windows; older anchors are single-token keys
+        window = tensors.get("anchor_window")
+        layer.anchor_window = (window.to(layer.anchor_window) if window is not None
+                               else torch.ones_like(layer.anchor_expert))
         layer.query_encoder.center.copy_(tensors["query_center"])
         if layer.query_encoder.has_projection:
             layer.query_encoder.down.copy_(tensors["query_down"])

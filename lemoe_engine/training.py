@@ -99,6 +99,8 @@ class ExpertJob:
     weights: dict[str, torch.Tensor]
     rows: list[TrainRow]
     anchors: Optional[torch.Tensor] = None
+    anchor_windows: Optional[torch.Tensor] = None
+    """Per anchor, how many prompt tokens its key pools (``LEMoELayer.anchor_window``; None: 1)."""
 
 
 @dataclass
@@ -291,7 +293,7 @@ class BlockTrainer:
         self.mode: Optional[str] = None
         self.passes = 0
         self.from_key = layer.config.acts_from_key
-        self.job_anchors: dict[int, Optional[torch.Tensor]] = {}
+        self.job_anchors: dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}  # anchors, windows
         self._cache_arg = _cache_argument(self.upper)
         # "prefix" builds its own attention mask: only for SDPA / eager attention, and only while
         # rows fit a sliding window (Mistral), where the window changes nothing
@@ -319,8 +321,9 @@ class BlockTrainer:
 
         def at_mlp(module, args, output):
             captured["x"] = args[0]
-            if self.from_key:
-                captured["queries"] = layer.query_encoder(layer.token_vectors(args[0]))
+            if self.from_key:  # every key window a job or a frozen expert may use
+                captured["queries"] = layer.token_queries(args[0], max(layer.config.query_window,
+                                                                       layer._anchor_layout()[2]))
 
         def after_block(module, args, kwargs, output):
             captured["out"] = output[0] if isinstance(output, tuple) else output
@@ -356,10 +359,10 @@ class BlockTrainer:
                 row.base = logits[b, :n - 1][scored].float()
             slot_starts = []
             if self.from_key:
-                queries = captured["queries"][b, :row.spec.prompt_len]
-                row.start = self._start(queries, self.job_anchors.get(row.job))
-                slot_starts = [self._start(queries, layer.anchors[layer.anchor_rows(e)])
-                               for e, _ in row.spec.frozen_route]
+                queries = captured["queries"][:, b, :row.spec.prompt_len]
+                row.start = self._start(queries, *self.job_anchors.get(row.job, (None, None)))
+                slot_starts = [self._start(queries, layer.anchors[rows], layer.anchor_window[rows])
+                               for rows in (layer.anchor_rows(e) for e, _ in row.spec.frozen_route)]
                 row.prefix = min([row.start, *slot_starts])
                 if recorded and row.prefix > 0:
                     row.past = [(k[b, :, :row.prefix].clone(), v[b, :, :row.prefix].clone()) for k, v in recorded]
@@ -368,11 +371,13 @@ class BlockTrainer:
         return logits
 
     @staticmethod
-    def _start(queries: torch.Tensor, anchors: Optional[torch.Tensor]) -> int:
-        """``routing.best_match_position`` of one row's prompt queries [T, key] (0: no anchors)."""
-        if anchors is None or anchors.shape[0] == 0 or queries.shape[0] == 0:
+    def _start(queries: torch.Tensor, anchors: Optional[torch.Tensor], windows: Optional[torch.Tensor]) -> int:
+        """``routing.best_match_position`` of one row's prompt queries [W, T, key] against anchors
+        of key ``windows`` (0: no anchors)."""
+        if anchors is None or anchors.shape[0] == 0 or queries.shape[1] == 0:
             return 0
-        return int(best_match_position(queries[None], anchors.to(queries.device)[None])[0])
+        windows = None if windows is None else windows.to(queries.device)[None]
+        return int(best_match_position(queries[:, None], anchors.to(queries.device)[None], anchor_window=windows)[0])
 
     def _frozen_delta(self, row: _Row, slot_starts: Sequence[int] = ()) -> torch.Tensor:
         layer = self.layer
@@ -701,7 +706,8 @@ class BlockTrainer:
                 raise ConfigError("expert_span='key': an ExpertJob needs its expert's anchors (ExpertJob.anchors) "
                                   "to know where the expert acts in each row, as LEMoELayer.route decides")
             if spec.anchors is not None:  # normalised as the layer stores them (add_expert)
-                self.job_anchors[job] = normalize_anchors(spec.anchors.detach().to(self.device))
+                self.job_anchors[job] = (normalize_anchors(spec.anchors.detach().to(self.device)),
+                                         spec.anchor_windows)
             optimizer = torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=self.weight_decay)
             active[job] = _Active(params=params, optimizer=optimizer, rows=rows, counts=counts)
             admitted.append(job)

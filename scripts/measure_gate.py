@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--show", type=int, default=0, help="print up to N leaking loc prompts")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--gate-margin", type=float, default=None, help="LEMoEConfig.gate_margin (default: the config's)")
+    parser.add_argument("--query-window", type=int, default=None, help="LEMoEConfig.query_window (default: the config's)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -59,7 +60,9 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(args.model)
     reference = None if args.routing_only else locality_reference(model, tokenizer, edits)
     editor_config = EditorConfig(max_steps=1) if args.routing_only else EditorConfig()
-    config = LEMoEConfig() if args.gate_margin is None else LEMoEConfig(gate_margin=args.gate_margin)
+    overrides = {name: value for name, value in (("gate_margin", args.gate_margin), ("query_window", args.query_window))
+                 if value is not None}
+    config = LEMoEConfig(**overrides)
     editor = LifelongEditor(model, tokenizer, config, editor_config, unrelated_prompts=pool)
 
     editor.token_vectors(pool[:8])  # warm-up, not timed

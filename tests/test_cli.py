@@ -37,9 +37,10 @@ def test_edit_eval_generate_round_trip(workspace, capsys):
     adaptor = str(workspace["root"] / "adaptor")
     code, out, err = run(capsys, "edit", "--model", workspace["model"], "--edits", workspace["edits"],
                          "--out", adaptor, "--layer", "4", "--plan", "kmeans", "--batch-size", "2",
-                         "--expert-hidden", "32", "--no-train-eos", "--expert-span", "prompt")
+                         "--expert-hidden", "32", "--no-train-eos", "--expert-span", "prompt", "--query-window", "2")
     assert code == 0, err
     assert json.loads((workspace["root"] / "adaptor" / "adaptor.json").read_text())["config"]["expert_span"] == "prompt"
+    assert json.loads((workspace["root"] / "adaptor" / "adaptor.json").read_text())["config"]["query_window"] == 2
     assert "2 new experts" in out and "adaptor written" in out
     code, out, err = run(capsys, "eval", "--model", workspace["model"], "--adaptor", adaptor,
                          "--edits", workspace["edits"], "--json")

@@ -253,4 +253,21 @@ def test_version_2_adaptor_loads_with_experts_on_every_token(adaptor, tmp_path):
     old = load(tiny_model("llama", seed=0), copy, backend="eager")
     new = load(tiny_model("llama", seed=0), path, backend="eager")
     assert old.config.expert_span == "prompt" and new.config.expert_span == "key"
-    assert old.config.replace(expert_span="key") == new.config
+    assert old.config.replace(expert_span="key", query_window=new.config.query_window) == new.config
+
+
+def test_version_3_adaptor_loads_with_single_token_queries(adaptor, tmp_path):
+    """Format 3 had no ``query_window``: its anchors and gates were made from single-token
+    queries, so it loads with ``query_window=1`` and routes as it did; format 4 writes the field."""
+    path, _ = adaptor
+    copy = tmp_path / "v3"
+    shutil.copytree(path, copy)
+    body = json.loads((copy / storage.MANIFEST_FILE).read_text())
+    assert body["config"].pop("query_window") == 3
+    body["format_version"] = 3
+    body["manifest_sha256"] = storage._manifest_digest(body)
+    (copy / storage.MANIFEST_FILE).write_text(json.dumps(body))
+    old = load(tiny_model("llama", seed=0), copy, backend="eager")
+    new = load(tiny_model("llama", seed=0), path, backend="eager")
+    assert old.config.query_window == 1 and new.config.query_window == 3
+    assert old.config.replace(query_window=3) == new.config

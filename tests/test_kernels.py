@@ -410,10 +410,16 @@ def experts_of(counts):
     return owner.to(DEV), start.to(DEV)
 
 
-def pooled_ref64(q3, mask, a, owner, thr, E, top_k, temperature):
+def pooled_ref64(q3, mask, a, owner, thr, E, top_k, temperature, window=None):
     """float64 default routing: masked max over tokens, gate per anchor, per-expert max over
-    its anchors, top-k (ties to the lower id), softmax. Returns ids, weights, clear rows."""
-    s = torch.einsum("btd,md->btm", q3.double().cpu(), a.double().cpu())
+    its anchors, top-k (ties to the lower id), softmax. Returns ids, weights, clear rows.
+    ``window`` [M] (1..W): queries are [W, B, T, D] and anchor m meets ``q3[window[m] - 1]``."""
+    if window is None:
+        s = torch.einsum("btd,md->btm", q3.double().cpu(), a.double().cpu())
+    else:
+        every = torch.einsum("wbtd,md->wbtm", q3.double().cpu(), a.double().cpu())
+        pick = (window.long().cpu() - 1)[None, None, None, :].expand(1, *every.shape[1:])
+        s = every.gather(0, pick)[0]
     if mask is not None:
         s = s.masked_fill(mask.cpu()[:, :, None] == 0, -math.inf)
     nan = torch.isnan(s).any(1)
@@ -471,6 +477,45 @@ def check_pooled(q3, mask, a, counts, thr, top_k, temperature, min_clear=0.8):
 def _unit3(B, T, D, g):
     v = torch.randn(B, T, D, generator=g, dtype=torch.float64)
     return (v / v.norm(dim=-1, keepdim=True)).float().to(DEV)
+
+
+@pytest.mark.parametrize("B,T,D,E,top_k", [(3, 11, 40, 7, 2), (2, 150, 72, 30, 3), (4, 5, 300, 600, 1)])
+def test_pooled_route_per_anchor_key_windows(B, T, D, E, top_k):
+    """Queries [W, B, T, D] and ``anchor_window``: each anchor scored only against its own
+    window's queries (poisoned outputs; float64 reference and the eager layer path)."""
+    from lemoe_engine.kernels import pooled_route
+    from lemoe_engine.routing import route_scores, window_scores
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    g = gen(seed)
+    counts = torch.randint(1, 4, (E,), generator=g)
+    M = int(counts.sum())
+    owner, start = experts_of(counts)
+    q4 = torch.stack([_unit3(B, T, D, g) for _ in range(3)])
+    a = unit(M, D, g)
+    window = torch.randint(1, 4, (M,), generator=g).to(torch.int32).to(DEV)
+    mask = (torch.rand(B, T, generator=g) < 0.8).long().to(DEV)
+    mask[:, 0] = 1
+    pooled64 = torch.einsum("wbtd,md->wbtm", q4.double().cpu(), a.double().cpu()).amax(2)   # [W, B, M]
+    own = pooled64.gather(0, (window.long().cpu() - 1)[None, None, :].expand(1, B, M))[0]
+    thr = (own.median(dim=0).values - 0.01).float().to(DEV)       # about half the anchors gated
+    temperature = float(torch.empty(1).uniform_(0.05, 1.0, generator=g))
+    ids = torch.full((B, top_k), 12345, dtype=torch.int32, device=DEV)
+    w = torch.full((B, top_k), float("nan"), device=DEV)
+    pooled_route(q4.contiguous(), mask, a, start, thr, top_k, temperature, out_ids=ids, out_weights=w,
+                 anchor_window=window)
+    assert ((ids >= -1) & (ids < E)).all() and torch.isfinite(w).all(), f"seed {seed}"
+    rid, rw, clear = pooled_ref64(q4, mask, a, owner, thr, E, top_k, temperature, window=window)
+    assert clear.float().mean() >= 0.6, f"seed {seed}: too many near-ties"
+    assert torch.equal(ids.cpu().long()[clear], rid[clear]), f"seed {seed}"
+    if clear.any():
+        assert (w.double().cpu()[clear] - rw[clear]).abs().max() < 1e-5, f"seed {seed}"
+    # the reference is not the windowless routing: the windows decide some routes
+    plain, _, _ = pooled_ref64(q4[0], mask, a, owner, thr, E, top_k, temperature)
+    assert not torch.equal(plain, rid), f"seed {seed}: the windows changed nothing; the case checks too little"
+    scores = window_scores(q4.float(), a.float(), window)
+    scores = scores.masked_fill(mask[:, :, None] == 0, float("-inf")).max(1).values
+    eid, _ = route_scores(scores, thr, owner, E, top_k, temperature)
+    assert torch.equal(ids[clear.to(DEV)], eid[clear.to(DEV)]), f"seed {seed}"
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

@@ -8,7 +8,9 @@ max pooling (and, with T = 1, for mean pooling or token routing with several anc
 
 1. ``score[b, m] = max over tokens t of row b with mask[b, t] != 0 of queries[b, t] . anchors[m]``
    (fp32-level products and sums: ``_common.route_dot_precision``; a NaN token score or no
-   token at all leaves no score);
+   token at all leaves no score). With ``anchor_window`` (int32 [M], values 1..W) the queries
+   are ``[W, B, T, D]`` (``routing.token_queries``: window w in ``queries[w - 1]``) and anchor m
+   is scored against ``queries[anchor_window[m] - 1]`` only;
 2. gate: an anchor whose pooled score is not finite or is below ``thresholds[m]`` drops out;
 3. an expert's score is the best of its remaining anchors; anchors are stored in expert order,
    expert ``e`` owning rows ``[expert_start[e], expert_start[e + 1])``;
@@ -43,12 +45,12 @@ MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, to
 
 # B (sequences), T (tokens), M (anchors) and E (experts) change while serving: never
 # value-specialised (no recompile for a new expert or prompt length); D stays specialised.
-@triton.jit(do_not_specialize=["B", "T", "M", "mask_stride"])
+@triton.jit(do_not_specialize=["B", "T", "M", "mask_stride", "W"])
 def _pool_kernel(
-    q_ptr, mask_ptr, a_ptr, thr_ptr, pooled_ptr,
-    B, T, M, D, mask_stride,
-    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    ONE_D_BLOCK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_ptr, mask_ptr, a_ptr, thr_ptr, pooled_ptr, win_ptr,
+    B, T, M, D, mask_stride, W,
+    HAS_MASK: tl.constexpr, HAS_WINDOWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, ONE_D_BLOCK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)      # sequences on axis 0: more than 65535 allowed
     pid_m = tl.program_id(1)
@@ -61,6 +63,8 @@ def _pool_kernel(
 
     best = tl.full([BLOCK_M], NEG_INF, tl.float32)
     nan_seen = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if HAS_WINDOWS:
+        win = tl.load(win_ptr + cols, mask=col_mask, other=0)
     if ONE_D_BLOCK:
         a_one = tl.load(a_ptr + cols64[:, None] * D + dd[None, :],
                         mask=col_mask[:, None] & (dd[None, :] < D), other=0.0)
@@ -72,21 +76,24 @@ def _pool_kernel(
         if HAS_MASK:
             keep = tl.load(mask_ptr + b * mask_stride + toks, mask=tok_ok, other=0)
             tok_ok = tok_ok & (keep != 0)
-        q_rows = (b * T + toks).to(tl.int64)
-        acc = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32)
-        if ONE_D_BLOCK:
-            q = tl.load(q_ptr + q_rows[:, None] * D + dd[None, :],
-                        mask=tok_ok[:, None] & (dd[None, :] < D), other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-            acc = tl.dot(q, tl.trans(a_one), acc, input_precision=DOT_PRECISION)
-        else:
-            acc = _score_tile(q_ptr, q_rows, tok_ok, a_ptr, cols64, col_mask, D, acc,
-                              BLOCK_D, UPCAST, DOT_PRECISION)
-        valid = tok_ok[:, None] & col_mask[None, :]
-        is_nan = acc != acc
-        nan_seen = nan_seen | tl.max(tl.where(valid & is_nan, 1, 0), axis=0)
-        best = tl.maximum(best, tl.max(tl.where(valid & (acc == acc), acc, NEG_INF), axis=0))
+        for w in range(0, W):  # one pass without windows; else each window's queries in turn
+            q_rows = ((w * B + b) * T + toks).to(tl.int64)
+            acc = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32)
+            if ONE_D_BLOCK:
+                q = tl.load(q_ptr + q_rows[:, None] * D + dd[None, :],
+                            mask=tok_ok[:, None] & (dd[None, :] < D), other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                acc = tl.dot(q, tl.trans(a_one), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = _score_tile(q_ptr, q_rows, tok_ok, a_ptr, cols64, col_mask, D, acc,
+                                  BLOCK_D, UPCAST, DOT_PRECISION)
+            valid = tok_ok[:, None] & col_mask[None, :]
+            if HAS_WINDOWS:  # an anchor meets only the queries of its own window
+                valid = valid & (win == w + 1)[None, :]
+            is_nan = acc != acc
+            nan_seen = nan_seen | tl.max(tl.where(valid & is_nan, 1, 0), axis=0)
+            best = tl.maximum(best, tl.max(tl.where(valid & (acc == acc), acc, NEG_INF), axis=0))
     # the gate: a NaN among the prompt's scores, a non-finite best or one under its
     # threshold leaves the anchor out
     thr = tl.load(thr_ptr + cols, mask=col_mask, other=float("inf"))
@@ -130,7 +137,7 @@ def _select_kernel(
 
 
 def pooled_route_config(B: int, T: int, M: int, E: int, D: int, dtype: torch.dtype,
-                        interpreted: bool) -> dict:
+                        interpreted: bool, windowed: bool = False) -> dict:
     """Block sizes: the interpreter gets large blocks (few numpy iterations), compiled code
     register-sized tiles (checked for spills on sm_80/86/89/90 by the compile check)."""
     np2 = triton.next_power_of_2
@@ -146,6 +153,8 @@ def pooled_route_config(B: int, T: int, M: int, E: int, D: int, dtype: torch.dty
     if dtype == torch.float32:
         block_t, block_d = (16 if T <= 16 else 32), 16
         warps, block_m = 4, 64
+        if windowed:  # the window loop keeps more live: 16 x 64 still spills 8 B on sm_86/89
+            block_t, block_m = 16, 32
     else:
         block_t = 16 if T <= 16 else (32 if T <= 32 else 64)
         block_d, warps = 32, (4 if block_t == 16 else 8)
@@ -156,21 +165,23 @@ def pooled_route_config(B: int, T: int, M: int, E: int, D: int, dtype: torch.dty
 
 
 def pooled_route_launches(queries, mask, anchors, expert_start, thresholds, out_ids, out_weights,
-                          scratch, top_k, temperature, interpreted):
+                          scratch, top_k, temperature, interpreted, anchor_window=None):
     """The two launches of one call, ``[(kernel, grid, args, kwargs)]`` (run by the wrapper,
     compiled per architecture by the compile check)."""
-    B, T, D = queries.shape
+    B, T, D = queries.shape[-3:]
+    W = queries.shape[0] if anchor_window is not None else 1
     M = anchors.shape[0]
     E = expert_start.shape[0] - 1
-    cfg = pooled_route_config(B, T, M, E, D, queries.dtype, interpreted)
+    cfg = pooled_route_config(B, T, M, E, D, queries.dtype, interpreted, windowed=anchor_window is not None)
     upcast = (queries.dtype != anchors.dtype or queries.dtype == torch.float32
               or (interpreted and queries.dtype == torch.bfloat16))
     has_mask = mask is not None
     return [
         (_pool_kernel, (B, triton.cdiv(M, cfg["BLOCK_M"])),
          (queries, mask if has_mask else queries, anchors, thresholds, scratch,
-          B, T, M, D, mask.stride(0) if has_mask else 0),
-         dict(HAS_MASK=has_mask, BLOCK_T=cfg["BLOCK_T"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
+          anchor_window if anchor_window is not None else thresholds,
+          B, T, M, D, mask.stride(0) if has_mask else 0, W),
+         dict(HAS_MASK=has_mask, HAS_WINDOWS=anchor_window is not None, BLOCK_T=cfg["BLOCK_T"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
               ONE_D_BLOCK=D <= cfg["BLOCK_D"], UPCAST=upcast,
               DOT_PRECISION=route_dot_precision(upcast, interpreted),
               num_warps=cfg["warps_pool"])),
@@ -191,13 +202,17 @@ def pooled_route(
     out_ids: torch.Tensor | None = None,
     out_weights: torch.Tensor | None = None,
     scratch: torch.Tensor | None = None,
+    anchor_window: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each of ``B`` token sequences (see the module docstring). ``mask`` [B, T] (any
     int/bool/float dtype, non-zero = a prompt token; rows may be strided) or None (every token);
     ``expert_start`` int32 [E + 1] (trusted: 0 = start[0] <= ... <= start[E] = M, no host check);
-    ``scratch`` fp32 [B, M] (optional). Returns ``(ids, weights)``."""
+    ``scratch`` fp32 [B, M] (optional); ``anchor_window`` int32 [M] (values 1..W, trusted) with
+    queries [W, B, T, D], else None with queries [B, T, D]. Returns ``(ids, weights)``."""
     interpreted = is_interpreted(_pool_kernel)
-    check_tensor("queries", queries, 3, FLOAT_DTYPES)
+    check_tensor("queries", queries, 3 if anchor_window is None else 4, FLOAT_DTYPES)
+    if anchor_window is not None:
+        check_tensor("anchor_window", anchor_window, 1, (torch.int32,))
     check_tensor("anchors", anchors, 2, FLOAT_DTYPES)
     check_tensor("thresholds", thresholds, 1, (torch.float32,))
     check_tensor("expert_start", expert_start, 1, (torch.int32,))
@@ -210,11 +225,13 @@ def pooled_route(
     temperature = float(temperature)
     if not (math.isfinite(temperature) and temperature > 0.0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    B, T, D = queries.shape
+    B, T, D = queries.shape[-3:]
     M = anchors.shape[0]
     E = expert_start.shape[0] - 1
     if anchors.shape[1] != D:
-        raise ValueError(f"anchors must be [M, {D}] to match queries [B, T, {D}], got {tuple(anchors.shape)}")
+        raise ValueError(f"anchors must be [M, {D}] to match queries [..., B, T, {D}], got {tuple(anchors.shape)}")
+    if anchor_window is not None and anchor_window.shape[0] != M:
+        raise ValueError(f"anchor_window must have one entry per anchor ({M}), got {anchor_window.shape[0]}")
     if thresholds.shape[0] != M:
         raise ValueError(f"thresholds must have one entry per anchor ({M}), got {thresholds.shape[0]}")
     if E < 0:
@@ -240,7 +257,7 @@ def pooled_route(
             raise ValueError(f"scratch must be [{B}, {M}], got {tuple(scratch.shape)}")
     device = check_devices({"queries": queries, "mask": mask, "anchors": anchors, "expert_start": expert_start,
                             "thresholds": thresholds, "out_ids": out_ids, "out_weights": out_weights,
-                            "scratch": scratch}, interpreted)
+                            "scratch": scratch, "anchor_window": anchor_window}, interpreted)
     if out_ids is None:
         out_ids = torch.empty((B, top_k), dtype=torch.int32, device=device)
     if out_weights is None:
@@ -256,7 +273,7 @@ def pooled_route(
     with device_guard(device):
         for kernel, grid, args, kwargs in pooled_route_launches(
                 queries, mask, anchors, expert_start, thresholds, out_ids, out_weights, scratch,
-                top_k, temperature, interpreted):
+                top_k, temperature, interpreted, anchor_window):
             kernel[grid](*args, **kwargs)
     return out_ids, out_weights
 
@@ -291,3 +308,12 @@ def pooled_route_cases(arch: int, full: bool, make, case_type):
                             name = (f"pooled_route.select k={k} B={B} E={E} "
                                     f"B{kwargs['BLOCK_B']}xE{kwargs['BLOCK_E']} w4")
                         yield case_type(name, arch, kernel, args, kwargs)
+        # per-anchor key windows (the editor's default): queries [W, B, T, D]
+        B, T, M, E, D = shapes[0]
+        kernel, _, args, kwargs = pooled_route_launches(
+            make((3, B, T, D), dtype), make((B, T), torch.int64), make((M, D), dtype), make((E + 1,), torch.int32),
+            make((M,), torch.float32), make((B, 1), torch.int32), make((B, 1), torch.float32),
+            make((B, M), torch.float32), 1, 0.1, False, anchor_window=make((M,), torch.int32))[0]
+        name = (f"pooled_route.pool {str(dtype)[6:]} mask=1 windows=3 T={T} M={M} D={D} "
+                f"T{kwargs['BLOCK_T']}xM{kwargs['BLOCK_M']}xD{kwargs['BLOCK_D']} w{kwargs['num_warps']}")
+        yield case_type(name, arch, kernel, args, kwargs)
