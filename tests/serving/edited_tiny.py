@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lemoe_engine
 from lemoe_engine import LEMoEConfig
+from lemoe_engine.routing import token_queries
 from tiny_models import tiny_tokenizer
 
 # name -> (prompt, expert it must route to or None)
@@ -63,18 +64,24 @@ def build(root, config: LEMoEConfig = None, seed: int = 0, architecture: str = "
     layer = lemoe_engine.attach(model, config)
     encoder = layer.query_encoder
 
-    def queries(name):  # max pooling: one query per prompt token; mean pooling: one per prompt
+    def queries(name, window=1):  # max pooling: one query per prompt token; mean pooling: one per prompt
         vectors = query_vectors(model, ids[name], config)
-        return encoder(vectors) if config.query_pooling == "max" else encoder(vectors.mean(0, keepdim=True))
+        if config.query_pooling != "max":
+            return encoder(vectors.mean(0, keepdim=True))
+        return token_queries(encoder, vectors[None], None, window)[window - 1][0]
 
-    anchors = [queries(name)[-1] for name in ANCHORED]
+    # sequence routing with max pooling: every other key pools its prompt's last two tokens, as
+    # the editor's keys pool a subject's tokens
+    pooled_keys = config.routing == "sequence" and config.query_pooling == "max" and config.query_window >= 2
+    windows = [1 + i % 2 if pooled_keys else 1 for i in range(len(ANCHORED))]
+    anchors = [queries(name, w)[-1] for name, w in zip(ANCHORED, windows)]
     # every prompt's best score against every anchor
-    scores = {name: [float((queries(name) @ a).max()) for a in anchors] for name in PROMPTS}
+    scores = {name: [float((queries(name, w) @ a).max()) for a, w in zip(anchors, windows)] for name in PROMPTS}
     generator = torch.Generator().manual_seed(seed + 1)
     for i, name in enumerate(ANCHORED):
         others = [scores[p][i] for p, (_, expert) in PROMPTS.items() if expert != i and scores[p][i] < 0.9999]
         gate = threshold if threshold is not None else (1.0 + max(others)) / 2  # own prompts score 1.0
-        index = layer.add_expert(anchors=anchors[i], thresholds=gate, trainable=False)
+        index = layer.add_expert(anchors=anchors[i], thresholds=gate, trainable=False, windows=windows[i])
         with torch.no_grad():
             for weight in layer.weight_names:
                 stack = getattr(layer, weight)
