@@ -125,12 +125,7 @@ class Calibration:
         """Max-pooled scores [P, M] of ``prompts`` on ``anchors``, each anchor against queries of
         its own key window (``windows`` [M]), exactly as the layer routes."""
         vectors = self.token_vectors(prompts)
-        out = None
-        for window in sorted(set(windows.tolist())) or [1]:
-            padded, mask = _pad(self.encode(vectors, window))
-            part = _max_sim(padded, mask, anchors)
-            out = part if out is None else torch.where(windows == window, part, out)
-        return out
+        return _per_window(windows, lambda window: _max_sim(*_pad(self.encode(vectors, window)), anchors))
 
     def sequence_queries(self, prompts: Sequence[str]) -> torch.Tensor:
         """Mean-pooled unit queries of ``prompts`` [n, key] (the paper's instance query)."""
@@ -212,10 +207,7 @@ class Calibration:
         "Guinea" does not name "Papua New Guinea"); when every unrelated prompt names it, none is
         left out (an empty pool would leave the gate open)."""
         windows = torch.ones(anchors.shape[0], dtype=torch.int32) if windows is None else windows
-        scores = None
-        for window in sorted(set(windows.tolist())):                              # [P, M]
-            part = self.unrelated(window).best(anchors)
-            scores = part if scores is None else torch.where(windows == window, part, scores)
+        scores = _per_window(windows, lambda window: self.unrelated(window).best(anchors))  # [P, M]
         for column, edit in enumerate(edits):
             if not edit.subject:
                 continue
@@ -365,6 +357,16 @@ class _FlatQueries:
         scores = self.tokens @ anchors.T.cpu()                                  # [N, M]
         out = torch.full((self.count, scores.shape[1]), float("-inf"))
         return out.scatter_reduce(0, self.owner[:, None].expand_as(scores), scores, reduce="amax")
+
+
+def _per_window(windows: torch.Tensor, score: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Scores [P, M] where column m is ``score(windows[m])[:, m]``: each anchor scored against
+    queries of its own key window (``score(w)`` gives every anchor's scores for window w)."""
+    out = None
+    for window in sorted(set(windows.tolist())) or [1]:
+        part = score(window)
+        out = part if out is None else torch.where(windows == window, part, out)
+    return out
 
 
 def _pad(queries: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
