@@ -5,7 +5,8 @@ gets when served (``Calibration``, used by ``editor.LifelongEditor``).
 * Query vectors: the forward pass stops where the query source is made (decoder layer N, or the
   embeddings), and a run computes each prompt once (``vector_cache``).
 * Keys: an edit's subject's last token (the record's subject, else ``keys.guess_subject``),
-  pooled with the subject's tokens before it, up to ``query_window`` tokens (``key_windows``).
+  pooled with the subject's tokens before it, up to ``query_window`` tokens (``key_spans``,
+  ``key_windows``).
 * Gate: a threshold sits ``gate_margin`` above the best score an unrelated prompt reaches on the
   anchor (prompts naming the edit's subject left out), never above its own edit's score.
 """
@@ -140,29 +141,19 @@ class Calibration:
             return layer._route(x)[0][:, 0].cpu()
         return torch.cat(self.run_prompts(prompts, capture))
 
-    def key_windows(self, edits: Sequence[EditRecord], positions: Sequence[int],
-                    lengths: Sequence[int]) -> torch.Tensor:
-        """Per edit, how many prompt tokens its key pools: its subject's tokens (the subject
-        ``key_positions`` keyed on), at most ``query_window``; 1 when the key is not the end of
-        a subject (the fallback key)."""
+    def key_windows(self, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Per edit, how many prompt tokens its key pools: the tokens of the subject it is keyed
+        on (``key_spans``), at most ``query_window``."""
         most = self.layer.config.query_window if self.max_pooling else 1
-        windows = []
-        for edit, position, length in zip(edits, positions, lengths):
-            window = 1
-            for subject in (edit.subject, guess_subject(edit.prompt)):
-                span = _subject_tokens(self.tokenizer, edit.prompt, subject)
-                if span is not None and _subject_last_token(self.tokenizer, edit.prompt, subject, length) == position:
-                    window = span[1] - span[0] + 1
-                    break
-            windows.append(max(1, min(most, window)))
-        return torch.tensor(windows, dtype=torch.int32)
+        return torch.tensor([max(1, min(most, last - first + 1)) for first, last in spans], dtype=torch.int32)
 
     def keys(self, edits: Sequence[EditRecord]) -> tuple[torch.Tensor, torch.Tensor]:
         """Max pooling: each edit's anchor (its key's query, pooled over its key window) [n, key]
         and key window [n]."""
         vectors = self.token_vectors([e.prompt for e in edits])
-        positions = self.key_positions(edits, self.encode(vectors))
-        windows = self.key_windows(edits, positions, [v.shape[0] for v in vectors])
+        spans = self.key_spans(edits, self.encode(vectors))
+        positions = [last for _, last in spans]
+        windows = self.key_windows(spans)
         anchors = [None] * len(edits)
         for window in sorted(set(windows.tolist())):
             chosen = [i for i, w in enumerate(windows.tolist()) if w == window]
@@ -222,23 +213,24 @@ class Calibration:
     def max_pooling(self) -> bool:
         return self.layer.config.query_pooling == "max"
 
-    def key_positions(self, edits: Sequence[EditRecord], queries: list[torch.Tensor]) -> list[int]:
-        """Token whose vector keys an edit: the subject's last token (where the model recalls facts
-        about it), the subject being the record's or, without one, guessed from the prompt
-        (``keys.guess_subject``); failing both, the prompt token least like any token of the
-        unrelated prompts."""
-        positions = []
+    def key_spans(self, edits: Sequence[EditRecord], queries: list[torch.Tensor]) -> list[tuple[int, int]]:
+        """Per edit, the (first, last) prompt tokens of the subject it is keyed on; its key is the
+        last (where the model recalls facts about the subject). The subject is the record's or,
+        without one, guessed from the prompt (``keys.guess_subject``); failing both, the key is
+        the prompt token least like any token of the unrelated prompts, alone."""
+        spans = []
         pool = None
         for edit, query in zip(edits, queries):
-            position = _subject_last_token(self.tokenizer, edit.prompt, edit.subject, len(query))
-            if position is None:
-                position = _subject_last_token(self.tokenizer, edit.prompt, guess_subject(edit.prompt), len(query))
-            if position is None:
+            span = _subject_span(self.tokenizer, edit.prompt, edit.subject, len(query))
+            if span is None:
+                span = _subject_span(self.tokenizer, edit.prompt, guess_subject(edit.prompt), len(query))
+            if span is None:
                 if pool is None:
                     pool = self.unrelated().tokens
                 position = int((query @ pool.T).max(dim=1).values.argmin())
-            positions.append(position)
-        return positions
+                span = (position, position)
+            spans.append(span)
+        return spans
 
     def new_anchors(self, edits: Sequence[EditRecord]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Anchors of the batch's new expert, their gate thresholds (cosine) and key windows.
@@ -386,9 +378,10 @@ def _max_sim(padded: torch.Tensor, mask: torch.Tensor, anchors: torch.Tensor) ->
     return scores.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(dim=1).values
 
 
-def _subject_tokens(tokenizer, prompt: str, subject: Optional[str]) -> Optional[tuple[int, int]]:
-    """(first, last) index of the tokens of ``subject``'s last mention in ``prompt`` (tokenised
-    without special tokens), or None (not found, or a slow tokenizer without offsets)."""
+def _subject_span(tokenizer, prompt: str, subject: Optional[str], n_tokens: int) -> Optional[tuple[int, int]]:
+    """(first, last) index among the ``n_tokens`` model-input tokens of ``prompt`` of the tokens
+    of ``subject``'s last mention (the last holds its last character), or None. A slow
+    tokenizer has no offsets: the last token alone, (last, last)."""
     if not subject:
         return None
     start = prompt.rfind(subject)
@@ -397,24 +390,12 @@ def _subject_tokens(tokenizer, prompt: str, subject: Optional[str]) -> Optional[
     end = start + len(subject)
     try:
         offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, TypeError, ValueError):
-        return None
-    hits = [i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
-    return (hits[0], hits[-1]) if hits else None
-
-
-def _subject_last_token(tokenizer, prompt: str, subject: Optional[str], n_tokens: int) -> Optional[int]:
-    """Index of the prompt token holding the subject's last character, or None."""
-    if not subject:
-        return None
-    end = prompt.rfind(subject)
-    if end < 0:
-        return None
-    end += len(subject)
-    try:
-        offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
-        return len(tokenizer(prompt[:end], add_special_tokens=False)["input_ids"]) - 1
+        last = len(tokenizer(prompt[:end], add_special_tokens=False)["input_ids"]) - 1
+        return last, last
     shift = n_tokens - len(offsets)  # special tokens the model input has in front
     hits = [i for i, (a, b) in enumerate(offsets) if a < end and b > a]
-    return hits[-1] + shift if hits else None
+    if not hits:
+        return None
+    first = next((i for i in hits if offsets[i][1] > start), hits[-1])
+    return first + shift, hits[-1] + shift

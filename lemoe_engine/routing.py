@@ -72,12 +72,15 @@ def token_queries(encoder: "QueryEncoder", vectors: torch.Tensor, mask: Optional
 
 def window_scores(queries: torch.Tensor, anchors: torch.Tensor,
                   anchor_window: Optional[torch.Tensor]) -> torch.Tensor:
-    """Scores [B, T, M] of queries [W, B, T, key] (``token_queries``) against anchors [M, key],
-    each anchor against the queries of its own window (``anchor_window`` [M], 1..W; None: all 1)."""
-    scores = queries[0] @ anchors.T
+    """Scores [B, T, M] of queries [W, B, T, key] (``token_queries``) against anchors [M, key]
+    (or each sequence's own, [B, M, key]), each anchor against the queries of its own window
+    (``anchor_window`` [M] or [B, M], values 1..W; None: all 1)."""
+    scores = queries[0] @ anchors.transpose(-1, -2)
+    if anchor_window is None:
+        return scores
+    window = anchor_window.to(scores.device).unsqueeze(-2)                 # [1, M] or [B, 1, M]
     for w in range(2, queries.shape[0] + 1):
-        if anchor_window is not None:
-            scores = torch.where(anchor_window.to(scores.device) == w, queries[w - 1] @ anchors.T, scores)
+        scores = torch.where(window == w, queries[w - 1] @ anchors.transpose(-1, -2), scores)
     return scores
 
 
@@ -215,11 +218,7 @@ def best_match_position(queries: torch.Tensor, anchors: torch.Tensor,
     each training row."""
     if queries.dim() == 3:
         queries = queries.unsqueeze(0)
-    scores = torch.einsum("btd,bad->bta", queries[0].float(), anchors.float())
-    for w in range(2, queries.shape[0] + 1):
-        if anchor_window is not None:
-            scores = torch.where((anchor_window.to(scores.device) == w)[:, None, :],
-                                 torch.einsum("btd,bad->bta", queries[w - 1].float(), anchors.float()), scores)
+    scores = window_scores(queries.float(), anchors.float(), anchor_window)   # [B, T, A]
     if anchor_mask is not None:
         scores = scores.masked_fill(~anchor_mask.bool()[:, None, :], float("-inf"))
     best = scores.amax(dim=2) if scores.shape[2] else scores.new_full(scores.shape[:2], float("-inf"))

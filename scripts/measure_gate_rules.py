@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     cal = editor.calibration
     cal.vector_cache = {}
     if args.keys == "every3":
-        cal.key_windows = lambda edits, positions, lengths: torch.full((len(edits),), 3, dtype=torch.int32)
+        cal.key_windows = lambda spans: torch.full((len(spans),), 3, dtype=torch.int32)
     if args.keys == "decay":
         cal.token_vectors = decayed(cal.token_vectors)
     batches = plan_order(edits, batch_size=None, plan="keys", seed=0, features=editor.plan_features(edits))
