@@ -187,11 +187,18 @@ def check_route_float64(queries, anchors, thresholds, top_k, temperature, ids, w
 
 
 def check_pooled_route_float64(queries, mask, anchors, owner, num_experts, thresholds, top_k, temperature,
-                               ids, weights, margin: float = 1e-5) -> dict:
+                               ids, weights, margin: float = 1e-5, anchor_window=None) -> dict:
     """The default routing (masked max over tokens, gate per anchor, per-expert max over its
     anchors, top-k, softmax) recomputed in float64 here: ids exactly and weights to 1e-5 on
-    sequences without a near-tie (deciding gaps and anchor-threshold gaps > ``margin``)."""
-    s = torch.einsum("btd,md->btm", queries.double(), anchors.double())
+    sequences without a near-tie (deciding gaps and anchor-threshold gaps > ``margin``). With
+    ``anchor_window`` [M] (values 1..W), queries are [W, B, T, d] and anchor m is scored against
+    ``queries[anchor_window[m] - 1]`` only."""
+    if anchor_window is None:
+        s = torch.einsum("btd,md->btm", queries.double(), anchors.double())
+    else:
+        every = torch.einsum("wbtd,md->wbtm", queries.double(), anchors.double())
+        pick = (anchor_window.long() - 1).to(every.device)[None, None, None, :].expand(1, *every.shape[1:])
+        s = every.gather(0, pick)[0]
     s = s.masked_fill(mask[:, :, None] == 0, float("-inf")).max(dim=1).values
     thr = thresholds.double()
     near_thr = ((s - thr).abs() <= margin).any(dim=1)

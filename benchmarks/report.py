@@ -96,17 +96,20 @@ def _routing_rows(rows: list[dict], gpu: bool, size: str, columns: list[tuple[st
     """One routing table: a row per case, sorted by (``size``, E, triton first); ``columns``
     are (header, shapes key) pairs; GPU tables add device time, fractions and the speed-up over
     the eager row of the same (``size``, E); ``checked_of(shapes)`` is the rows-checked total."""
-    eager = {(r["shapes"][size], r["shapes"]["E"]): r for r in rows if r["backend"] == "eager"}
+    def case(s):  # rows from before key windows have no W: one-token keys
+        return (s[size], s["E"], s.get("W", 1))
+
+    eager = {case(r["shapes"]): r for r in rows if r["backend"] == "eager"}
     header = [h for h, _ in columns] + ["backend", "median µs"]
     if gpu:
         header += ["device µs", "% copy BW", "% fp32 matmul", "vs eager"]
     header += ["rows checked", "max weight err"]
     out = []
-    for r in sorted(rows, key=lambda r: (r["shapes"][size], r["shapes"]["E"], r["backend"] != "triton")):
+    for r in sorted(rows, key=lambda r: (r["shapes"].get("W", 1), case(r["shapes"]), r["backend"] != "triton")):
         s, c = r["shapes"], r["checks"]
-        line = [str(s[key]) for _, key in columns] + [r["backend"], _us(r["median_us"])]
+        line = [str(s.get(key, 1 if key == "W" else "-")) for _, key in columns] + [r["backend"], _us(r["median_us"])]
         if gpu:
-            ref = eager.get((s[size], s["E"]))
+            ref = eager.get(case(s))
             ratio = (f"{ref['median_us'] / r['median_us']:.1f}x faster"
                      if r["backend"] == "triton" and ref else "-")
             line += _gpu_cols(r) + [ratio]
@@ -121,7 +124,8 @@ def routing_table(rows: list[dict], gpu: bool) -> list[str]:
 
 
 def routing_default_table(rows: list[dict], gpu: bool) -> list[str]:
-    return _routing_rows(rows, gpu, "T", [("prompt tokens T", "T"), ("experts E", "E"), ("anchors M", "M"),
+    return _routing_rows(rows, gpu, "T", [("key window W", "W"), ("prompt tokens T", "T"), ("experts E", "E"),
+                                          ("anchors M", "M"),
                                           ("d", "d"), ("top_k", "top_k")], lambda s: s.get("B", 1))
 
 
@@ -136,7 +140,7 @@ def layer_table(rows: list[dict], gpu: bool) -> list[str]:
     def key(r):
         s = r["shapes"]
         return (s["set"], s.get("expert_hidden", 0), s.get("experts", 0), s.get("top_k", 0), s["tokens"],
-                order.get(r["backend"], 9))
+                s["phase"] == "decode step", order.get(r["backend"], 9))
 
     out = []
     for r in sorted(rows, key=key):
@@ -184,10 +188,14 @@ SHAPES_TEXT = {
                "random thresholds (some slots gated)",
     "routing_default": "one sequence of T prompt tokens (the first T/8 masked out as padding) x d, E experts "
                        "with 4 unit-norm anchors each, d = 4096, fp32, top_k = 2, temperature 0.1, max pooling "
-                       "over the prompt, random thresholds",
+                       "over the prompt, random thresholds; key window W = 3 (the default since adaptor format "
+                       "4): queries [3, 1, T, d], each anchor of a window drawn from 1..3 scored against the "
+                       "queries pooled over as many tokens; W = 1: one-token keys",
     "layer": "base = transformers LlamaMLP (d x mlp x d, SiLU); experts gated (SwiGLU) of hidden H, "
              "query_source='hidden', sequence routing with mean pooling, gate off; decode = B sequences x 1 "
-             "token, prefill = 8 sequences x tokens/8",
+             "token routed afresh (a standalone call: prompt routing + experts), decode step = B sequences x 1 "
+             "token reusing the route kept from a 16-token prefill (what serving runs per generated token), "
+             "prefill = 8 sequences x tokens/8",
     "end_to_end": "adaptor of 5 random experts (hidden 1024) at the model's default layer, gate off, the "
                   "engine's default query settings (column 'adaptor'); greedy decode of random prompt tokens; "
                   "'decode tokens/s' excludes the prefill (generate time minus a separately timed prefill); "

@@ -1,7 +1,8 @@
-"""Small CUDA cases of both Triton kernels, for compute-sanitizer (racecheck, memcheck).
+"""Small CUDA cases of the Triton kernels (expert FFN, pooled routing with and without key
+windows, anchor routing, a layer forward), for compute-sanitizer (racecheck, memcheck).
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python benchmarks/sanitize_case.py
-    compute-sanitizer --tool racecheck python benchmarks/sanitize_case.py
+    compute-sanitizer --tool racecheck python benchmarks/sanitize_case.py [ffn pooled route layer]
 
 Odd sizes (nothing a multiple of a block), several dtypes, top_k 1..4, gated slots (id -1),
 empty experts, and a full LEMoE layer forward with the triton backend. Every result is
@@ -64,24 +65,27 @@ def route_case(S: int, E: int, D: int, k: int, dtype: torch.dtype, seed: int) ->
           f"(ids agree on {int(same.sum())}/{S}, weight err {werr:.1e})")
 
 
-def pooled_case(B: int, T: int, E: int, per: int, D: int, k: int, seed: int) -> None:
-    """The default routing (max pooling, several anchors per expert) against the eager path."""
-    from lemoe_engine.routing import expert_starts, route_scores
+def pooled_case(B: int, T: int, E: int, per: int, D: int, k: int, seed: int, W: int = 1) -> None:
+    """The default routing (max pooling, several anchors per expert; with W > 1 each anchor
+    scored against the queries of its own key window) against the eager path."""
+    from lemoe_engine.routing import expert_starts, route_scores, window_scores
     g = torch.Generator().manual_seed(seed)
-    q = unit(B * T, D, g).reshape(B, T, D)
+    q = unit(W * B * T, D, g).reshape(W, B, T, D)
     a = unit(E * per, D, g)
+    window = torch.randint(1, W + 1, (E * per,), generator=g, dtype=torch.int32).to(DEV) if W > 1 else None
     owner = torch.arange(E, device=DEV, dtype=torch.int32).repeat_interleave(per)
     mask = (torch.rand(B, T, generator=g) < 0.8).long().to(DEV)
     thr = (torch.rand(E * per, generator=g) * 0.2 - 0.1).to(DEV)
     ids = torch.full((B, k), -7, dtype=torch.int32, device=DEV)
     w = torch.full((B, k), float("nan"), device=DEV)
-    pooled_route(q, mask, a, expert_starts(owner, E), thr, k, 0.1, out_ids=ids, out_weights=w)
+    pooled_route(q if W > 1 else q[0], mask, a, expert_starts(owner, E), thr, k, 0.1, out_ids=ids,
+                 out_weights=w, anchor_window=window)
     torch.cuda.synchronize()
-    scores = (q @ a.T).masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(dim=1).values
+    scores = window_scores(q, a, window).masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(dim=1).values
     ref_ids, ref_w = route_scores(scores, thr, owner, E, k, 0.1)
     same = (ids == ref_ids).all(dim=1)
     werr = float((w[same] - ref_w[same]).abs().max()) if bool(same.any()) else 0.0
-    check(f"pooled_route B={B} T={T} E={E}x{per} D={D} k={k}",
+    check(f"pooled_route B={B} T={T} E={E}x{per} D={D} k={k} W={W}",
           float(same.float().mean()) >= 0.9 and werr < 1e-3 and not bool(torch.isnan(w).any()),
           f"(ids agree on {int(same.sum())}/{B}, weight err {werr:.1e})")
 
@@ -130,21 +134,34 @@ def layer_case() -> None:
     check("LEMoELayer triton vs eager (bf16)", err < 5e-2, f"(rel err of the delta {err:.1e})")
 
 
-def main() -> int:
-    route_case(37, 13, 96, 2, torch.float32, 1)
-    route_case(5, 300, 64, 4, torch.bfloat16, 2)
-    route_case(130, 1, 40, 3, torch.float16, 3)
-    route_case(70, 77, 4096, 1, torch.float32, 4)
-    pooled_case(5, 37, 40, 3, 96, 2, 9)
-    pooled_case(2, 300, 700, 4, 256, 4, 10)
-    ffn_case(29, 64, 96, 5, 1, torch.float32, True, 5)
-    ffn_case(29, 72, 40, 5, 2, torch.bfloat16, True, 6)
-    ffn_case(131, 48, 112, 9, 4, torch.float16, False, 7)
-    ffn_case(3, 64, 64, 12, 2, torch.bfloat16, True, 8)
-    layer_case()
+GROUPS = {
+    "ffn": lambda: (ffn_case(29, 64, 96, 5, 1, torch.float32, True, 5),
+                    ffn_case(29, 72, 40, 5, 2, torch.bfloat16, True, 6),
+                    ffn_case(131, 48, 112, 9, 4, torch.float16, False, 7),
+                    ffn_case(3, 64, 64, 12, 2, torch.bfloat16, True, 8)),
+    "pooled": lambda: (pooled_case(5, 37, 40, 3, 96, 2, 9),
+                       pooled_case(2, 300, 700, 4, 256, 4, 10),
+                       pooled_case(3, 41, 50, 3, 96, 2, 11, W=3)),
+    "route": lambda: (route_case(37, 13, 96, 2, torch.float32, 1),
+                      route_case(5, 300, 64, 4, torch.bfloat16, 2),
+                      route_case(130, 1, 40, 3, torch.float16, 3),
+                      route_case(70, 77, 4096, 1, torch.float32, 4)),
+    "layer": layer_case,
+}
+
+
+def main(groups: list[str]) -> int:
+    """Runs the named case groups in the order given (default: all; racecheck is slow, so a
+    short lease can run the expert FFN group first: ``sanitize_case.py ffn pooled``)."""
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        print(f"unknown case group(s) {unknown}; choose from {sorted(GROUPS)}", file=sys.stderr)
+        return 2
+    for name in groups or list(GROUPS):
+        GROUPS[name]()
     print(f"{len(FAILURES)} failure(s)")
     return 1 if FAILURES else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import benchlib
 from benchlib import CUDA, DEV, free_memory
 from lemoe_engine import LEMoELayer
+from lemoe_engine.layer import RouteContext
 
 SHAPES = {
     "llama7b": dict(d=4096, mlp=11008, dtype=torch.bfloat16, tokens=(1, 8, 64, 512, 4096),
@@ -118,6 +119,18 @@ def _layer_cases():
                                                id=f"{shape}-{backend}-H{hidden}-E{experts}-k{top_k}-T{tokens}")
 
 
+def _step_cases():
+    """Decode steps that reuse the route kept at prefill (the serving path): hidden 1024 only."""
+    for shape, s in SHAPES.items():
+        for experts in s["experts"]:
+            for top_k in s["top_k"]:
+                for tokens in (t for t in s["tokens"] if t <= DECODE_MAX):
+                    for backend in ("triton", "eager"):
+                        marks = [gpu] if (s["gpu"] or backend == "triton") else []
+                        yield pytest.param(shape, s["hidden"][0], experts, top_k, tokens, backend, marks=marks,
+                                           id=f"{shape}-step-{backend}-H{s['hidden'][0]}-E{experts}-k{top_k}-B{tokens}")
+
+
 def _shapes(shape: str, tokens: int, **more) -> dict:
     s = SHAPES[shape]
     batch, length = _batch_shape(tokens)
@@ -186,11 +199,13 @@ def _route_by_hand(layer: LEMoELayer, x: torch.Tensor):
     return order[:, :k], weights, robust
 
 
-def _expected_rows(layer: LEMoELayer, x: torch.Tensor, generator: torch.Generator):
+def _expected_rows(layer: LEMoELayer, x: torch.Tensor, generator: torch.Generator,
+                   prompt: torch.Tensor | None = None):
     """fp32 expert deltas of up to SAMPLE_ROWS flattened rows (of sequences routed without a
-    near-tie), with routing and expert FFNs computed here by hand."""
+    near-tie), with routing and expert FFNs computed here by hand; sequences are routed by
+    ``prompt`` when given (a decode step reusing its prefill's route), else by ``x``."""
     assert layer.config.expert_gated and layer.config.expert_activation == "silu"
-    ids, weights, robust = _route_by_hand(layer, x)
+    ids, weights, robust = _route_by_hand(layer, x if prompt is None else prompt)
     length = x.shape[1]
     candidates = torch.nonzero(robust.repeat_interleave(length)).flatten().cpu()
     assert len(candidates) > 0, "every sequence has a near-tie: nothing to check"
@@ -258,3 +273,64 @@ def test_layer_latency(benchmark, bench_rows, request, shape, hidden, experts, t
                                   **benchlib.config_summary(layer.config)),
                    checks=checks, device_us=device_us, request=request,
                    extra=benchlib.roofline_fields(nbytes, flops, s["dtype"], device_us))
+
+
+STEP_PROMPT = 16  # prompt tokens per sequence routed at the prefill before the timed decode step
+
+
+@pytest.mark.parametrize("shape,hidden,experts,top_k,tokens,backend", list(_step_cases()))
+def test_layer_decode_step_latency(benchmark, bench_rows, request, shape, hidden, experts, top_k, tokens, backend):
+    """One decode step of B sequences (x = [B, 1, d]) that reuses the route kept from their
+    prefill, as a model's forward does after the prompt (``RouteContext(continuing=True)``):
+    no routing work, only the expert FFN on top of the base MLP."""
+    s = SHAPES[shape]
+    layer = _layer(shape, experts, hidden)
+    layer.config.top_k = top_k
+    layer.config.backend = backend
+    layer._sequence_route = None
+    g = torch.Generator(device=DEV).manual_seed(tokens * 131 + s["d"] + top_k)
+    prompt = torch.randn(tokens, STEP_PROMPT, s["d"], generator=g, device=DEV, dtype=s["dtype"])
+    x = torch.randn(tokens, 1, s["d"], generator=g, device=DEV, dtype=s["dtype"])
+
+    def op():
+        with torch.inference_mode():
+            return layer(x)
+
+    with torch.inference_mode():
+        layer(prompt)  # prefill: routes the sequences and keeps the route
+    layer.set_route_context(RouteContext(continuing=True))
+    try:
+        benchmark.group = f"layer {shape} decode step B={tokens}"
+        benchmark.extra_info.update(hidden=hidden, experts=experts, top_k=top_k, backend=backend)
+        out = benchmark(_timed(op))
+        with torch.inference_mode():
+            assert layer._use_kernels(x) == (backend == "triton")
+            base = layer.base_layer(x)
+            rows, expected, ids = _expected_rows(layer, x, torch.Generator().manual_seed(tokens + top_k), prompt)
+            got = (out.reshape(tokens, -1)[rows] - base.reshape(tokens, -1)[rows]).float()
+            tol = benchlib.DELTA_TOL[s["dtype"]]
+            checks = {"rel_err_sampled_rows_vs_fp32": benchlib.rel_err(got, expected)}
+            assert float(expected.norm()) > 0, "the experts added nothing: nothing was checked"
+            assert checks["rel_err_sampled_rows_vs_fp32"] < tol, checks
+            if backend == "triton":
+                layer.config.backend = "eager"
+                eager = layer(x)  # the same kept route, the eager expert FFN
+                layer.config.backend = backend
+                checks["rel_err_delta_vs_eager"] = benchlib.rel_err((out - base).float(), (eager - base).float())
+                assert checks["rel_err_delta_vs_eager"] < tol, checks
+            assert torch.isfinite(out).all()
+        device_us = benchlib.device_time_us(op) if (CUDA and benchmark.enabled) else None
+    finally:
+        layer.set_route_context(RouteContext())
+        layer._sequence_route = None
+    esize = torch.finfo(s["dtype"]).bits // 8
+    per_slot = len(layer.weight_names) * s["d"] * hidden
+    nbytes = (benchlib.module_bytes(layer.base_layer) + benchlib.expert_bytes(layer, ids) + 2 * x.numel() * esize)
+    flops = 2 * tokens * s["d"] * s["mlp"] * 3 + 2 * int((ids >= 0).sum()) * per_slot
+    checks["experts_touched"] = int(torch.unique(ids[ids >= 0]).numel())
+    shapes = _shapes(shape, tokens, experts=experts, expert_hidden=hidden, top_k=top_k,
+                     **benchlib.config_summary(layer.config))
+    shapes["phase"] = "decode step"
+    bench_rows.add(benchmark, section="layer", case=f"{shape}-step-H{hidden}-E{experts}-k{top_k}-B{tokens}",
+                   backend=backend, dtype=s["dtype"], shapes=shapes, checks=checks, device_us=device_us,
+                   request=request, extra=benchlib.roofline_fields(nbytes, flops, s["dtype"], device_us))

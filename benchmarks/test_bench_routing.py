@@ -111,31 +111,47 @@ ANCHORS_PER_EXPERT = 4
 CPU_MAX_WORK = 64 * 64 * ANCHORS_PER_EXPERT  # T x M on the CPU (the rest is the GPU run's)
 
 
+WINDOW_GRID = (1, 3)  # 1: one-token keys (adaptor formats 1-3); 3: the default key windows (format 4)
+
+
 def _default_cases():
-    for T in T_GRID:
-        for E in EXPERT_GRID:
-            yield pytest.param(T, E, "triton", marks=gpu_only, id=f"triton-T{T}-E{E}")
-            marks = gpu_size if T * E * ANCHORS_PER_EXPERT > CPU_MAX_WORK else []
-            yield pytest.param(T, E, "eager", marks=marks, id=f"eager-T{T}-E{E}")
+    for W in WINDOW_GRID:
+        for T in T_GRID:
+            for E in EXPERT_GRID:
+                yield pytest.param(T, E, W, "triton", marks=gpu_only, id=f"triton-T{T}-E{E}-W{W}")
+                marks = gpu_size if T * E * ANCHORS_PER_EXPERT * W > CPU_MAX_WORK else []
+                yield pytest.param(T, E, W, "eager", marks=marks, id=f"eager-T{T}-E{E}-W{W}")
 
 
-def _default_inputs(T: int, E: int):
-    g = torch.Generator().manual_seed(7000 + 10 * T + E)
+def _default_inputs(T: int, E: int, W: int):
+    """Queries [W, 1, T, d] (``W == 1``: [1, T, d]): unit token vectors and, for each window w,
+    their unit means over the token and the w - 1 prompt tokens before it (``window_mean``), as
+    ``routing.token_queries`` makes them; anchor windows drawn from 1..W."""
+    from lemoe_engine.routing import l2_normalize, window_mean
+    g = torch.Generator().manual_seed(7000 + 10 * T + E + 100000 * W)
     M = E * ANCHORS_PER_EXPERT
-    queries = benchlib.unit_rows(T, D, g).reshape(1, T, D)
+    tokens = benchlib.unit_rows(T, D, g).reshape(1, T, D)
     mask = torch.ones(1, T, dtype=torch.int64, device=DEV)
     mask[0, : T // 8] = 0                         # left padding: not part of the prompt
     anchors = benchlib.unit_rows(M, D, g)
     owner = torch.arange(E, device=DEV, dtype=torch.int32).repeat_interleave(ANCHORS_PER_EXPERT)
     thresholds = ((torch.rand(M, generator=g) * 0.06) + 0.02).to(DEV)
-    return queries, mask, anchors, owner, thresholds
+    if W == 1:
+        return tokens, mask, anchors, owner, thresholds, None
+    queries = torch.stack([l2_normalize(window_mean(tokens, mask, w)) for w in range(1, W + 1)])
+    window = torch.randint(1, W + 1, (M,), generator=g, dtype=torch.int32).to(DEV)
+    return queries, mask, anchors, owner, thresholds, window
 
 
-@pytest.mark.parametrize("T,E,backend", list(_default_cases()))
-def test_default_routing_latency(benchmark, bench_rows, request, T, E, backend):
-    from lemoe_engine.routing import expert_starts, route_scores
-    queries, mask, anchors, owner, thresholds = _default_inputs(T, E)
+@pytest.mark.parametrize("T,E,W,backend", list(_default_cases()))
+def test_default_routing_latency(benchmark, bench_rows, request, T, E, W, backend):
+    from lemoe_engine.routing import expert_starts, route_scores, window_scores
+    queries, mask, anchors, owner, thresholds, window = _default_inputs(T, E, W)
     M = anchors.shape[0]
+
+    def eager_scores():
+        scores = queries @ anchors.T if window is None else window_scores(queries, anchors, window)
+        return scores.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(dim=1).values
     if backend == "triton":
         from lemoe_engine.kernels import pooled_route
 
@@ -146,34 +162,33 @@ def test_default_routing_latency(benchmark, bench_rows, request, T, E, backend):
 
         def op():
             return pooled_route(queries, mask, anchors, start, thresholds, TOP_K, TEMPERATURE,
-                                out_ids=ids, out_weights=weights, scratch=scratch)
+                                out_ids=ids, out_weights=weights, scratch=scratch, anchor_window=window)
     else:
         def op():
-            scores = (queries @ anchors.T).masked_fill(mask.unsqueeze(-1) == 0, float("-inf"))
-            return route_scores(scores.max(dim=1).values, thresholds, owner, E, TOP_K, TEMPERATURE)
+            return route_scores(eager_scores(), thresholds, owner, E, TOP_K, TEMPERATURE)
 
     def timed():
         result = op()
         benchlib.sync()
         return result
 
-    benchmark.group = f"default routing T={T}"
-    benchmark.extra_info.update(T=T, E=E, M=M, d=D, top_k=TOP_K, backend=backend)
+    benchmark.group = f"default routing T={T} W={W}"
+    benchmark.extra_info.update(T=T, E=E, M=M, W=W, d=D, top_k=TOP_K, backend=backend)
     if backend == "triton":
         ids.fill_(-7)
         weights.fill_(float("nan"))
     got_ids, got_weights = benchmark(timed)
     checks = benchlib.check_pooled_route_float64(queries, mask, anchors, owner, E, thresholds, TOP_K,
-                                                 TEMPERATURE, got_ids, got_weights)
+                                                 TEMPERATURE, got_ids, got_weights, anchor_window=window)
     if backend == "triton":
-        scores = (queries @ anchors.T).masked_fill(mask.unsqueeze(-1) == 0, float("-inf"))
-        ref_ids, ref_weights = route_scores(scores.max(dim=1).values, thresholds, owner, E, TOP_K, TEMPERATURE)
+        ref_ids, ref_weights = route_scores(eager_scores(), thresholds, owner, E, TOP_K, TEMPERATURE)
         assert torch.equal(got_ids, ref_ids) or not checks["rows_checked"]
     device_us = benchlib.device_time_us(op) if (CUDA and benchmark.enabled) else None
-    nbytes = (T * D + M * D) * 4 + M * 4 + M * 4 * 2 + TOP_K * 8
+    # each anchor reads the queries of its own window: W x T x d read at most once per anchor tile
+    nbytes = (W * T * D + M * D) * 4 + M * 4 * (3 if W > 1 else 2) + M * 4 + TOP_K * 8
     flops = 2 * T * M * D
-    bench_rows.add(benchmark, section="routing_default", case=f"T{T}-E{E}x{ANCHORS_PER_EXPERT}", backend=backend,
-                   dtype=torch.float32,
-                   shapes={"B": 1, "T": T, "E": E, "M": M, "d": D, "top_k": TOP_K, "pooling": "max"},
+    bench_rows.add(benchmark, section="routing_default", case=f"T{T}-E{E}x{ANCHORS_PER_EXPERT}-W{W}",
+                   backend=backend, dtype=torch.float32,
+                   shapes={"B": 1, "T": T, "E": E, "M": M, "W": W, "d": D, "top_k": TOP_K, "pooling": "max"},
                    checks=checks, device_us=device_us, request=request,
                    extra=benchlib.roofline_fields(nbytes, flops, torch.float32, device_us))
