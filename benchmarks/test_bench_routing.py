@@ -153,12 +153,13 @@ def test_default_routing_latency(benchmark, bench_rows, request, T, E, W, backen
         scores = queries @ anchors.T if window is None else window_scores(queries, anchors, window)
         return scores.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(dim=1).values
     if backend == "triton":
-        from lemoe_engine.kernels import pooled_route
+        from lemoe_engine.kernels import pooled_route, pooled_route_scratch_shape
 
         start = expert_starts(owner, E)
         ids = torch.empty((1, TOP_K), dtype=torch.int32, device=DEV)
         weights = torch.empty((1, TOP_K), dtype=torch.float32, device=DEV)
-        scratch = torch.empty((1, M), dtype=torch.float32, device=DEV)
+        scratch = torch.empty(pooled_route_scratch_shape(queries, anchors, start, window), dtype=torch.float32,
+                              device=DEV)
 
         def op():
             return pooled_route(queries, mask, anchors, start, thresholds, TOP_K, TEMPERATURE,

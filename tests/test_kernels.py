@@ -589,6 +589,42 @@ def test_pooled_route_nan_tokens():
     assert (ids[1] >= 0).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_pooled_route_token_splits():
+    """A long prompt is pooled in token splits (several programs per sequence and anchor block,
+    reduced by the select launch): the best token of a later split wins, a NaN in one split
+    gates the anchor even though the other splits are finite, and every scratch slot is
+    written (the scratch is poisoned with NaN, which would gate anchors it was left in)."""
+    from lemoe_engine.kernels import pooled_route, pooled_route_scratch_shape
+    g = gen(int(torch.randint(0, 2**31 - 1, (1,))))
+    B, T, D, E = 3, 300, 24, 20
+    counts = torch.randint(1, 4, (E,), generator=g)
+    M = int(counts.sum())
+    owner, start = experts_of(counts)
+    q3, a = _unit3(B, T, D, g), unit(M, D, g)
+    q3[0, T - 10, 3] = float("nan")              # row 0: a NaN in the last split only
+    a[int((owner == 4).nonzero()[0])] = q3[1, T - 40]   # row 1: its best match late in the prompt
+    mask = (torch.rand(B, T, generator=g) < 0.9).long().to(DEV)
+    mask[:, 0] = 1
+    mask[0, T - 10] = 1
+    mask[1, T - 40] = 1
+    thr = (torch.rand(M, generator=g) * 0.3).to(DEV)
+    shape = pooled_route_scratch_shape(q3, a, start)
+    assert shape[0] == B and shape[2] == M and shape[1] > 1, f"no token splits at T={T}: {shape}"
+    scratch = torch.full(shape, float("nan"), device=DEV)
+    ids = torch.full((B, 2), 12345, dtype=torch.int32, device=DEV)
+    w = torch.full((B, 2), float("nan"), device=DEV)
+    pooled_route(q3, mask, a, start, thr, 2, 0.3, out_ids=ids, out_weights=w, scratch=scratch)
+    rid, rw, clear = pooled_ref64(q3, mask, a, owner, thr, E, 2, 0.3)
+    assert clear.all(), "a near-tie: the case checks too little"
+    assert torch.equal(ids.cpu().long(), rid)
+    assert (w.double().cpu() - rw).abs().max() < 1e-5
+    assert (ids[0] == -1).all(), "a NaN score in one split must gate every anchor of row 0"
+    assert int(ids[1, 0]) == 4, "the late best match must win"
+    with pytest.raises(ValueError, match="pooled_route_scratch_shape"):
+        pooled_route(q3, mask, a, start, thr, 2, 0.3, scratch=torch.empty(B, M, 1, device=DEV))
+
+
 def test_pooled_route_errors():
     from lemoe_engine.kernels import pooled_route
     g = gen(23_301)

@@ -19,7 +19,7 @@ configuration for sm_80/86/89/90 without a GPU (registers, spills, shared memory
 
 from .anchor_route import anchor_route
 from .grouped_ffn import GroupedLayout, grouped_expert_ffn, grouped_layout, pad_expert_hidden
-from .pooled_route import pooled_route
+from .pooled_route import pooled_route, pooled_route_scratch_shape
 
-__all__ = ["anchor_route", "pooled_route", "grouped_expert_ffn", "grouped_layout", "GroupedLayout",
+__all__ = ["anchor_route", "pooled_route", "pooled_route_scratch_shape", "grouped_expert_ffn", "grouped_layout", "GroupedLayout",
            "pad_expert_hidden"]

@@ -17,13 +17,17 @@ max pooling (and, with T = 1, for mean pooling or token routing with several anc
 4. top-k experts by score (ties to the lower id), softmax of score / temperature over them;
    empty slots id -1, weight 0.
 
-Launch 1 (``_pool_kernel``, grid: sequences x anchor blocks) computes the [tokens x anchors]
-score tiles with ``tl.dot``, pools them over the sequence's tokens and applies the gate, writing
-one fp32 score per (sequence, anchor) to a scratch [B, M]. Launch 2 (``_select_kernel``, grid:
-blocks of sequences) walks the experts in blocks, takes each expert's max over its anchors
-(a gather loop of length max anchors per expert in the block) and merges the block into the
-running top-k of ``anchor_route``; then softmax and store. No host synchronisation: with
-``out_ids``/``out_weights``/``scratch`` given the call allocates nothing.
+Launch 1 (``_pool_kernel``, grid: sequences x anchor blocks x token splits) computes the
+[tokens x anchors] score tiles with ``tl.dot`` and pools them over its split of the sequence's
+tokens, writing one fp32 partial score per (sequence, split, anchor) to a scratch [B, S, M] (NaN
+where the split met a NaN score). Splitting the tokens keeps the GPU busy when B x anchor blocks
+is small (one long prompt, few experts): without it one program walked all T tokens alone, and a
+2048-token prompt took 38 ms with key windows on an H200. Launch 2 (``_select_kernel``, grid:
+blocks of sequences) walks the experts in blocks, reduces each anchor's splits, applies the gate,
+takes each expert's max over its anchors (a gather loop of length max anchors per expert in the
+block) and merges the block into the running top-k of ``anchor_route``; then softmax and store.
+No host synchronisation: with ``out_ids``/``out_weights``/``scratch`` given the call allocates
+nothing (``pooled_route_scratch_shape`` gives the scratch's shape).
 """
 
 from __future__ import annotations
@@ -45,15 +49,19 @@ MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, to
 
 # B (sequences), T (tokens), M (anchors) and E (experts) change while serving: never
 # value-specialised (no recompile for a new expert or prompt length); D stays specialised.
-@triton.jit(do_not_specialize=["B", "T", "M", "mask_stride", "W"])
+@triton.jit(do_not_specialize=["B", "T", "M", "mask_stride", "W", "T_CHUNK"])
 def _pool_kernel(
-    q_ptr, mask_ptr, a_ptr, thr_ptr, pooled_ptr, win_ptr,
-    B, T, M, D, mask_stride, W,
+    q_ptr, mask_ptr, a_ptr, pooled_ptr, win_ptr,
+    B, T, M, D, mask_stride, W, T_CHUNK,
     HAS_MASK: tl.constexpr, HAS_WINDOWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_D_BLOCK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)      # sequences on axis 0: more than 65535 allowed
     pid_m = tl.program_id(1)
+    split = tl.program_id(2)               # tokens [split * T_CHUNK, (split + 1) * T_CHUNK)
+    n_splits = tl.num_programs(2)
+    t_begin = split * T_CHUNK
+    t_end = tl.minimum(T, t_begin + T_CHUNK)
     cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     col_mask = cols < M
     cols64 = cols.to(tl.int64)
@@ -70,9 +78,9 @@ def _pool_kernel(
                         mask=col_mask[:, None] & (dd[None, :] < D), other=0.0)
         if UPCAST:
             a_one = a_one.to(tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(t_begin, t_end, BLOCK_T):
         toks = t0 + tt
-        tok_ok = toks < T
+        tok_ok = toks < t_end
         if HAS_MASK:
             keep = tl.load(mask_ptr + b * mask_stride + toks, mask=tok_ok, other=0)
             tok_ok = tok_ok & (keep != 0)
@@ -94,17 +102,15 @@ def _pool_kernel(
             is_nan = acc != acc
             nan_seen = nan_seen | tl.max(tl.where(valid & is_nan, 1, 0), axis=0)
             best = tl.maximum(best, tl.max(tl.where(valid & (acc == acc), acc, NEG_INF), axis=0))
-    # the gate: a NaN among the prompt's scores, a non-finite best or one under its
-    # threshold leaves the anchor out
-    thr = tl.load(thr_ptr + cols, mask=col_mask, other=float("inf"))
-    ok = (nan_seen == 0) & (tl.abs(best) < float("inf")) & (best >= thr)
-    tl.store(pooled_ptr + b * M + cols64, tl.where(ok, best, NEG_INF), mask=col_mask)
+    # this split's best score of each anchor, NaN if it met a NaN (the select launch gates)
+    tl.store(pooled_ptr + (b * n_splits + split) * M + cols64, tl.where(nan_seen == 0, best, float("nan")),
+             mask=col_mask)
 
 
-@triton.jit(do_not_specialize=["B", "M", "E"])
+@triton.jit(do_not_specialize=["B", "M", "E", "S"])
 def _select_kernel(
-    pooled_ptr, start_ptr, ids_ptr, w_ptr,
-    B, M, E, temperature,
+    pooled_ptr, start_ptr, thr_ptr, ids_ptr, w_ptr,
+    B, M, E, S, temperature,
     K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -129,9 +135,19 @@ def _select_kernel(
         s = tl.full([BLOCK_B, BLOCK_E], NEG_INF, tl.float32)
         for j in range(0, tl.max(count, axis=0)):
             take = row_mask[:, None] & (j < count)[None, :]
-            v = tl.load(pooled_ptr + rows64[:, None] * M + (first + j).to(tl.int64)[None, :],
-                        mask=take, other=NEG_INF)
-            s = tl.maximum(s, v)
+            anchor = (first + j).to(tl.int64)
+            best = tl.full([BLOCK_B, BLOCK_E], NEG_INF, tl.float32)
+            nan_seen = tl.zeros([BLOCK_B, BLOCK_E], dtype=tl.int1)
+            for split in range(0, S):  # the pool launch's token splits of this anchor
+                v = tl.load(pooled_ptr + (rows64[:, None] * S + split) * M + anchor[None, :],
+                            mask=take, other=NEG_INF)
+                nan_seen = nan_seen | (v != v)
+                best = tl.maximum(best, tl.where(v == v, v, NEG_INF))
+            # the gate: a NaN among the prompt's scores, a non-finite best or one under its
+            # threshold leaves the anchor out
+            thr = tl.load(thr_ptr + anchor, mask=(j < count), other=float("inf"))
+            ok = take & ~nan_seen & (tl.abs(best) < float("inf")) & (best >= thr[None, :])
+            s = tl.maximum(s, tl.where(ok, best, NEG_INF))
         v0, i0, v1, i1, v2, i2, v3, i3 = _merge_tile(s, ex, v0, i0, v1, i1, v2, i2, v3, i3, K)
     _store_topk(ids_ptr, w_ptr, rows64, row_mask, temperature, v0, i0, v1, i1, v2, i2, v3, i3, K)
 
@@ -164,29 +180,62 @@ def pooled_route_config(B: int, T: int, M: int, E: int, D: int, dtype: torch.dty
                 BLOCK_B=16, BLOCK_E=min(64, max(16, np2(E))))
 
 
+# token splits of the pool launch: enough programs for a few per SM on a 100-132-SM GPU, at most
+# MAX_SPLITS (the select launch reads every split of every anchor)
+SPLIT_TARGET_PROGRAMS = 1024
+MAX_SPLITS = 256
+INTERPRETER_MAX_SPLITS = 4  # the interpreter splits too (long prompts in the CPU tests), a little
+
+
+def _token_splits(B: int, T: int, M: int, cfg: dict, interpreted: bool) -> tuple[int, int]:
+    """(S, tokens per split): S splits of whole BLOCK_T tiles, none empty."""
+    tiles = triton.cdiv(max(T, 1), cfg["BLOCK_T"])
+    programs = B * triton.cdiv(M, cfg["BLOCK_M"])
+    wanted = INTERPRETER_MAX_SPLITS if interpreted else min(MAX_SPLITS, triton.cdiv(SPLIT_TARGET_PROGRAMS, programs))
+    chunk = triton.cdiv(tiles, max(1, min(tiles, wanted))) * cfg["BLOCK_T"]
+    return triton.cdiv(max(T, 1), chunk), chunk
+
+
+def _plan(queries, anchors, expert_start, anchor_window, interpreted):
+    B, T, D = queries.shape[-3:]
+    M = anchors.shape[0]
+    E = expert_start.shape[0] - 1
+    cfg = pooled_route_config(B, T, M, E, D, queries.dtype, interpreted, windowed=anchor_window is not None)
+    return cfg, _token_splits(B, T, M, cfg, interpreted)
+
+
+def pooled_route_scratch_shape(queries: torch.Tensor, anchors: torch.Tensor, expert_start: torch.Tensor,
+                               anchor_window: torch.Tensor | None = None) -> tuple[int, int, int]:
+    """The shape [B, S, M] of ``pooled_route``'s fp32 scratch for these arguments (S: token splits)."""
+    interpreted = is_interpreted(_pool_kernel)
+    _, (splits, _) = _plan(queries, anchors, expert_start, anchor_window, interpreted)
+    return queries.shape[-3], splits, anchors.shape[0]
+
+
 def pooled_route_launches(queries, mask, anchors, expert_start, thresholds, out_ids, out_weights,
                           scratch, top_k, temperature, interpreted, anchor_window=None):
     """The two launches of one call, ``[(kernel, grid, args, kwargs)]`` (run by the wrapper,
-    compiled per architecture by the compile check)."""
+    compiled per architecture by the compile check); ``scratch`` is fp32
+    ``pooled_route_scratch_shape(...)``."""
     B, T, D = queries.shape[-3:]
     W = queries.shape[0] if anchor_window is not None else 1
     M = anchors.shape[0]
     E = expert_start.shape[0] - 1
-    cfg = pooled_route_config(B, T, M, E, D, queries.dtype, interpreted, windowed=anchor_window is not None)
+    cfg, (splits, chunk) = _plan(queries, anchors, expert_start, anchor_window, interpreted)
     upcast = (queries.dtype != anchors.dtype or queries.dtype == torch.float32
               or (interpreted and queries.dtype == torch.bfloat16))
     has_mask = mask is not None
     return [
-        (_pool_kernel, (B, triton.cdiv(M, cfg["BLOCK_M"])),
-         (queries, mask if has_mask else queries, anchors, thresholds, scratch,
+        (_pool_kernel, (B, triton.cdiv(M, cfg["BLOCK_M"]), splits),
+         (queries, mask if has_mask else queries, anchors, scratch,
           anchor_window if anchor_window is not None else thresholds,
-          B, T, M, D, mask.stride(0) if has_mask else 0, W),
+          B, T, M, D, mask.stride(0) if has_mask else 0, W, chunk),
          dict(HAS_MASK=has_mask, HAS_WINDOWS=anchor_window is not None, BLOCK_T=cfg["BLOCK_T"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
               ONE_D_BLOCK=D <= cfg["BLOCK_D"], UPCAST=upcast,
               DOT_PRECISION=route_dot_precision(upcast, interpreted),
               num_warps=cfg["warps_pool"])),
         (_select_kernel, (triton.cdiv(B, cfg["BLOCK_B"]),),
-         (scratch, expert_start, out_ids, out_weights, B, M, E, temperature),
+         (scratch, expert_start, thresholds, out_ids, out_weights, B, M, E, splits, temperature),
          dict(K=top_k, BLOCK_B=cfg["BLOCK_B"], BLOCK_E=cfg["BLOCK_E"], num_warps=4)),
     ]
 
@@ -207,7 +256,7 @@ def pooled_route(
     """Route each of ``B`` token sequences (see the module docstring). ``mask`` [B, T] (any
     int/bool/float dtype, non-zero = a prompt token; rows may be strided) or None (every token);
     ``expert_start`` int32 [E + 1] (trusted: 0 = start[0] <= ... <= start[E] = M, no host check);
-    ``scratch`` fp32 [B, M] (optional); ``anchor_window`` int32 [M] (values 1..W, trusted) with
+    ``scratch`` fp32 ``pooled_route_scratch_shape(...)`` (optional); ``anchor_window`` int32 [M] (values 1..W, trusted) with
     queries [W, B, T, D], else None with queries [B, T, D]. Returns ``(ids, weights)``."""
     interpreted = is_interpreted(_pool_kernel)
     check_tensor("queries", queries, 3 if anchor_window is None else 4, FLOAT_DTYPES)
@@ -252,9 +301,11 @@ def pooled_route(
             if tuple(t.shape) != (B, top_k):
                 raise ValueError(f"{name} must be [{B}, {top_k}], got {tuple(t.shape)}")
     if scratch is not None:
-        check_tensor("scratch", scratch, 2, (torch.float32,))
-        if tuple(scratch.shape) != (B, M):
-            raise ValueError(f"scratch must be [{B}, {M}], got {tuple(scratch.shape)}")
+        check_tensor("scratch", scratch, 3, (torch.float32,))
+        wanted = pooled_route_scratch_shape(queries, anchors, expert_start, anchor_window)
+        if tuple(scratch.shape) != wanted:
+            raise ValueError(f"scratch must be {list(wanted)} (pooled_route_scratch_shape), got "
+                             f"{list(scratch.shape)}")
     device = check_devices({"queries": queries, "mask": mask, "anchors": anchors, "expert_start": expert_start,
                             "thresholds": thresholds, "out_ids": out_ids, "out_weights": out_weights,
                             "scratch": scratch, "anchor_window": anchor_window}, interpreted)
@@ -269,7 +320,8 @@ def pooled_route(
         out_weights.zero_()
         return out_ids, out_weights
     if scratch is None:
-        scratch = torch.empty((B, M), dtype=torch.float32, device=device)
+        scratch = torch.empty(pooled_route_scratch_shape(queries, anchors, expert_start, anchor_window),
+                              dtype=torch.float32, device=device)
     with device_guard(device):
         for kernel, grid, args, kwargs in pooled_route_launches(
                 queries, mask, anchors, expert_start, thresholds, out_ids, out_weights, scratch,
@@ -293,7 +345,7 @@ def pooled_route_cases(arch: int, full: bool, make, case_type):
                     launches = pooled_route_launches(
                         make((B, T, D), dtype), make((B, T), torch.int64) if has_mask else None,
                         make((M, D), dtype), make((E + 1,), torch.int32), make((M,), torch.float32),
-                        make((B, k), torch.int32), make((B, k), torch.float32), make((B, M), torch.float32),
+                        make((B, k), torch.int32), make((B, k), torch.float32), make((B, 2, M), torch.float32),
                         k, 0.1, False)
                     for kernel, _, args, kwargs in launches:
                         if kernel is _pool_kernel:
@@ -313,7 +365,7 @@ def pooled_route_cases(arch: int, full: bool, make, case_type):
         kernel, _, args, kwargs = pooled_route_launches(
             make((3, B, T, D), dtype), make((B, T), torch.int64), make((M, D), dtype), make((E + 1,), torch.int32),
             make((M,), torch.float32), make((B, 1), torch.int32), make((B, 1), torch.float32),
-            make((B, M), torch.float32), 1, 0.1, False, anchor_window=make((M,), torch.int32))[0]
+            make((B, 2, M), torch.float32), 1, 0.1, False, anchor_window=make((M,), torch.int32))[0]
         name = (f"pooled_route.pool {str(dtype)[6:]} mask=1 windows=3 T={T} M={M} D={D} "
                 f"T{kwargs['BLOCK_T']}xM{kwargs['BLOCK_M']}xD{kwargs['BLOCK_D']} w{kwargs['num_warps']}")
         yield case_type(name, arch, kernel, args, kwargs)
