@@ -276,13 +276,23 @@ def render(data: dict) -> str:
                   "`scripts/profile_gpu.py`), and the first case of a process also pays warm-up: the same "
                   "decode case differed by up to 1.6x between two runs. 'time vs unedited' at decode is "
                   "therefore not a measure of the adaptor's cost; prefill is, and the layer tables are.",
-                  "- Layer: the benchmark calls a standalone layer, which routes every call afresh (no "
-                  "continuing sequence), so rows with T <= 64 time prompt routing plus the expert FFN, not "
-                  "the decode step that reuses a kept route (2-3 launches, `tests/test_kernel_layer.py`).",
+                  "- Layer: 'decode' rows call a standalone layer, which routes every call afresh (no "
+                  "continuing sequence), so they time prompt routing plus the expert FFN; 'decode step' rows "
+                  "time what serving runs per generated token: the route kept from the prefill, only the "
+                  "expert FFN launches (2-3, `tests/test_kernel_layer.py`) on top of the base MLP. Both are "
+                  "single eager-mode calls of one layer, so at decode sizes they include the host's launch "
+                  "overhead (tens of µs per launch): 'device µs' from CUDA events counts the gaps between "
+                  "launches too.",
+                  "- Default routing (`pooled_route`): since 2026-11-28 14:30 UTC the pool launch splits a "
+                  "prompt's tokens across programs (before, one program per sequence and anchor block walked "
+                  "every token: with key windows a 2048-token prompt and 1 expert took 37.7 ms of device time, "
+                  "now 0.34 ms). With thousands of anchors and long prompts cuBLAS (eager) is still faster: "
+                  "the kernel's fp32 tiles run tf32x3 on FMA-sized tiles, and with key windows it scores "
+                  "every window of every anchor and keeps one.",
                   "- Routing: the Triton rows use tf32x3 score tiles (the default since 2026-11-28); the "
                   "same cases with exact-IEEE fp32 tiles, measured in an earlier run on another H200 of the "
                   "same kind, took 2-3.5x longer (e.g. default routing T=512, 1024 experts: 5.5 ms against "
-                  "2.2 ms). The eager rows come from that earlier run.", ""]
+                  "2.2 ms). The eager rows of the `anchor_route` table come from that earlier run.", ""]
     cpu_runs = [m for m in runs.values() if m.get("device_kind") == "cpu"]
     if cpu_runs:
         lines += ["## Caveat on CPU timings", "",

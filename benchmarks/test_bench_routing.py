@@ -158,7 +158,7 @@ def test_default_routing_latency(benchmark, bench_rows, request, T, E, W, backen
         start = expert_starts(owner, E)
         ids = torch.empty((1, TOP_K), dtype=torch.int32, device=DEV)
         weights = torch.empty((1, TOP_K), dtype=torch.float32, device=DEV)
-        scratch = torch.empty(pooled_route_scratch_shape(queries, anchors, start, window), dtype=torch.float32,
+        scratch = torch.empty(pooled_route_scratch_shape(queries, mask, anchors, start, window), dtype=torch.float32,
                               device=DEV)
 
         def op():

@@ -609,7 +609,7 @@ def test_pooled_route_token_splits():
     mask[0, T - 10] = 1
     mask[1, T - 40] = 1
     thr = (torch.rand(M, generator=g) * 0.3).to(DEV)
-    shape = pooled_route_scratch_shape(q3, a, start)
+    shape = pooled_route_scratch_shape(q3, mask, a, start)
     assert shape[0] == B and shape[2] == M and shape[1] > 1, f"no token splits at T={T}: {shape}"
     scratch = torch.full(shape, float("nan"), device=DEV)
     ids = torch.full((B, 2), 12345, dtype=torch.int32, device=DEV)

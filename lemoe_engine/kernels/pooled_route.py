@@ -153,7 +153,7 @@ def _select_kernel(
 
 
 def pooled_route_config(B: int, T: int, M: int, E: int, D: int, dtype: torch.dtype,
-                        interpreted: bool, windowed: bool = False) -> dict:
+                        interpreted: bool, windowed: bool = False, masked: bool = True) -> dict:
     """Block sizes: the interpreter gets large blocks (few numpy iterations), compiled code
     register-sized tiles (checked for spills on sm_80/86/89/90 by the compile check)."""
     np2 = triton.next_power_of_2
@@ -169,8 +169,10 @@ def pooled_route_config(B: int, T: int, M: int, E: int, D: int, dtype: torch.dty
     if dtype == torch.float32:
         block_t, block_d = (16 if T <= 16 else 32), 16
         warps, block_m = 4, 64
-        if windowed:  # the window loop keeps more live: 16 x 64 still spills 8 B on sm_86/89
-            block_t, block_m = 16, 32
+        if windowed or not masked:  # the window loop keeps more live (16 x 64 spills 8 B on sm_86/89);
+            block_t, block_m = 16, 32  # so does the unmasked loop since token splits (8-20 B on sm_80-90)
+        if not masked and M <= 16:     # ... and its 16 x 16 tile at 16-wide D steps (8 B on sm_80-89)
+            block_d = 32
     else:
         block_t = 16 if T <= 16 else (32 if T <= 32 else 64)
         block_d, warps = 32, (4 if block_t == 16 else 8)
@@ -196,19 +198,21 @@ def _token_splits(B: int, T: int, M: int, cfg: dict, interpreted: bool) -> tuple
     return triton.cdiv(max(T, 1), chunk), chunk
 
 
-def _plan(queries, anchors, expert_start, anchor_window, interpreted):
+def _plan(queries, mask, anchors, expert_start, anchor_window, interpreted):
     B, T, D = queries.shape[-3:]
     M = anchors.shape[0]
     E = expert_start.shape[0] - 1
-    cfg = pooled_route_config(B, T, M, E, D, queries.dtype, interpreted, windowed=anchor_window is not None)
+    cfg = pooled_route_config(B, T, M, E, D, queries.dtype, interpreted, windowed=anchor_window is not None,
+                              masked=mask is not None)
     return cfg, _token_splits(B, T, M, cfg, interpreted)
 
 
-def pooled_route_scratch_shape(queries: torch.Tensor, anchors: torch.Tensor, expert_start: torch.Tensor,
+def pooled_route_scratch_shape(queries: torch.Tensor, mask: torch.Tensor | None, anchors: torch.Tensor,
+                               expert_start: torch.Tensor,
                                anchor_window: torch.Tensor | None = None) -> tuple[int, int, int]:
     """The shape [B, S, M] of ``pooled_route``'s fp32 scratch for these arguments (S: token splits)."""
     interpreted = is_interpreted(_pool_kernel)
-    _, (splits, _) = _plan(queries, anchors, expert_start, anchor_window, interpreted)
+    _, (splits, _) = _plan(queries, mask, anchors, expert_start, anchor_window, interpreted)
     return queries.shape[-3], splits, anchors.shape[0]
 
 
@@ -221,7 +225,7 @@ def pooled_route_launches(queries, mask, anchors, expert_start, thresholds, out_
     W = queries.shape[0] if anchor_window is not None else 1
     M = anchors.shape[0]
     E = expert_start.shape[0] - 1
-    cfg, (splits, chunk) = _plan(queries, anchors, expert_start, anchor_window, interpreted)
+    cfg, (splits, chunk) = _plan(queries, mask, anchors, expert_start, anchor_window, interpreted)
     upcast = (queries.dtype != anchors.dtype or queries.dtype == torch.float32
               or (interpreted and queries.dtype == torch.bfloat16))
     has_mask = mask is not None
@@ -302,7 +306,7 @@ def pooled_route(
                 raise ValueError(f"{name} must be [{B}, {top_k}], got {tuple(t.shape)}")
     if scratch is not None:
         check_tensor("scratch", scratch, 3, (torch.float32,))
-        wanted = pooled_route_scratch_shape(queries, anchors, expert_start, anchor_window)
+        wanted = pooled_route_scratch_shape(queries, mask, anchors, expert_start, anchor_window)
         if tuple(scratch.shape) != wanted:
             raise ValueError(f"scratch must be {list(wanted)} (pooled_route_scratch_shape), got "
                              f"{list(scratch.shape)}")
@@ -320,7 +324,7 @@ def pooled_route(
         out_weights.zero_()
         return out_ids, out_weights
     if scratch is None:
-        scratch = torch.empty(pooled_route_scratch_shape(queries, anchors, expert_start, anchor_window),
+        scratch = torch.empty(pooled_route_scratch_shape(queries, mask, anchors, expert_start, anchor_window),
                               dtype=torch.float32, device=device)
     with device_guard(device):
         for kernel, grid, args, kwargs in pooled_route_launches(
