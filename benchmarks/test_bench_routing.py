@@ -145,7 +145,7 @@ def _default_inputs(T: int, E: int, W: int):
 
 @pytest.mark.parametrize("T,E,W,backend", list(_default_cases()))
 def test_default_routing_latency(benchmark, bench_rows, request, T, E, W, backend):
-    from lemoe_engine.routing import expert_starts, route_scores, window_scores
+    from lemoe_engine.routing import expert_starts, route_scores, window_order, window_scores
     queries, mask, anchors, owner, thresholds, window = _default_inputs(T, E, W)
     M = anchors.shape[0]
 
@@ -160,10 +160,12 @@ def test_default_routing_latency(benchmark, bench_rows, request, T, E, W, backen
         weights = torch.empty((1, TOP_K), dtype=torch.float32, device=DEV)
         scratch = torch.empty(pooled_route_scratch_shape(queries, mask, anchors, start, window), dtype=torch.float32,
                               device=DEV)
+        order = window_order(window) if window is not None else None  # kept by the layer between prompts
 
         def op():
             return pooled_route(queries, mask, anchors, start, thresholds, TOP_K, TEMPERATURE,
-                                out_ids=ids, out_weights=weights, scratch=scratch, anchor_window=window)
+                                out_ids=ids, out_weights=weights, scratch=scratch, anchor_window=window,
+                                anchor_order=order)
     else:
         def op():
             return route_scores(eager_scores(), thresholds, owner, E, TOP_K, TEMPERATURE)

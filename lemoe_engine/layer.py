@@ -341,7 +341,7 @@ class LEMoELayer(nn.Module):
         """For a sequence route ``ids`` [B, k] of batch ``x``, the prompt position from which each
         slot's expert acts (``expert_span='key'``): the token whose query best matches that
         expert's anchors (``routing.expert_key_positions``), int64 [B, k]."""
-        start, max_anchors, windows = self._anchor_layout()
+        start, max_anchors, windows, _ = self._anchor_layout()
         return routing.expert_key_positions(self.query_encoder, self.anchors, start, max_anchors,
                                             self.token_vectors(x), self.prompt_mask(x), ids,
                                             self.anchor_window, windows)
@@ -373,16 +373,18 @@ class LEMoELayer(nn.Module):
                              self.gate_thresholds(), self.num_experts, self.token_vectors(x), mask,
                              use_kernels=use_kernels,
                              expert_start=self._expert_start() if use_kernels else None,
-                             anchor_window=self.anchor_window if windows > 1 else None, windows=windows)
+                             anchor_window=self.anchor_window if windows > 1 else None, windows=windows,
+                             anchor_order=self._anchor_layout()[3] if (use_kernels and windows > 1) else None)
 
     def _expert_start(self) -> torch.Tensor:
         """``routing.expert_starts`` of the anchors, cached until the anchor table changes."""
         return self._anchor_layout()[0]
 
-    def _anchor_layout(self) -> tuple[torch.Tensor, int, int]:
+    def _anchor_layout(self) -> tuple[torch.Tensor, int, int, torch.Tensor]:
         """(``routing.expert_starts``, the most anchors one expert owns, the most tokens one
-        anchor's key pools), cached until the anchor table changes (the counts are read on the
-        host once per change, never per call)."""
+        anchor's key pools, the anchors grouped by window for the kernels: ``routing.window_order``),
+        cached until the anchor table changes (the counts are read on the host once per change,
+        never per call)."""
         owner, window = self.anchor_expert, self.anchor_window
         key = (owner.data_ptr(), owner._version, owner.shape[0], self.num_experts, owner.device,
                window.data_ptr(), window._version)
@@ -390,7 +392,7 @@ class LEMoELayer(nn.Module):
             start = routing.expert_starts(owner, self.num_experts)
             most = int((start[1:] - start[:-1]).max()) if self.num_experts else 0
             windows = int(window.max()) if window.numel() else 1
-            self._expert_start_cache = (key, (start, most, windows))
+            self._expert_start_cache = (key, (start, most, windows, routing.window_order(window)))
         return self._expert_start_cache[1]
 
     # ------------------------------------------------------------------ forward

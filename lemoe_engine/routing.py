@@ -70,6 +70,12 @@ def token_queries(encoder: "QueryEncoder", vectors: torch.Tensor, mask: Optional
     return torch.stack([encoder(window_mean(vectors, mask, w)) for w in range(1, windows + 1)])
 
 
+def window_order(anchor_window: torch.Tensor) -> torch.Tensor:
+    """The anchors grouped by key window, int32 [M] (a stable argsort): the order in which the
+    ``pooled_route`` kernel visits them, so that an anchor block holds one or two windows."""
+    return torch.argsort(anchor_window, stable=True).to(torch.int32)
+
+
 def window_scores(queries: torch.Tensor, anchors: torch.Tensor,
                   anchor_window: Optional[torch.Tensor]) -> torch.Tensor:
     """Scores [B, T, M] of queries [W, B, T, key] (``token_queries``) against anchors [M, key]
@@ -263,7 +269,7 @@ def route_kernels(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Ten
                   anchor_expert: torch.Tensor, thresholds: torch.Tensor, num_experts: int,
                   vectors: torch.Tensor, mask: Optional[torch.Tensor],
                   expert_start: Optional[torch.Tensor] = None, anchor_window: Optional[torch.Tensor] = None,
-                  windows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                  windows: int = 1, anchor_order: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``route_eager``'s contract through the Triton kernels (queries are encoded eagerly).
 
     One anchor per expert and one query per row (token routing, mean pooling): the fused
@@ -288,19 +294,21 @@ def route_kernels(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Ten
         expert_start = expert_starts(anchor_expert, num_experts)
     window = anchor_window.to(torch.int32).contiguous() if queries.dim() == 4 else None
     return pooled_route(queries, mask, anchors, expert_start, thresholds, config.top_k, config.temperature,
-                        anchor_window=window)
+                        anchor_window=window, anchor_order=anchor_order if window is not None else None)
 
 
 def route(config: LEMoEConfig, encoder: QueryEncoder, anchors: torch.Tensor, anchor_expert: torch.Tensor,
           thresholds: torch.Tensor, num_experts: int, vectors: torch.Tensor, mask: Optional[torch.Tensor],
           use_kernels: bool = False, expert_start: Optional[torch.Tensor] = None,
-          anchor_window: Optional[torch.Tensor] = None, windows: int = 1):
+          anchor_window: Optional[torch.Tensor] = None, windows: int = 1,
+          anchor_order: Optional[torch.Tensor] = None):
     """Expert ids (int32) and weights (fp32), [rows, top_k]: rows = B*T for token routing, B
     for sequence routing. ``use_kernels``: the Triton path (CUDA, or the CPU interpreter).
     ``anchor_window`` [M] (1..``windows``): how many tokens each anchor's key pools
-    (``token_queries``; max pooling only, None = 1)."""
+    (``token_queries``; max pooling only, None = 1); ``anchor_order``: the kernels' visiting
+    order of the anchors (``window_order``; made per call when None)."""
     if use_kernels:
         return route_kernels(config, encoder, anchors, anchor_expert, thresholds, num_experts,
-                             vectors, mask, expert_start, anchor_window, windows)
+                             vectors, mask, expert_start, anchor_window, windows, anchor_order)
     return route_eager(config, encoder, anchors, anchor_expert, thresholds, num_experts, vectors, mask,
                        anchor_window, windows)

@@ -509,6 +509,16 @@ def test_pooled_route_per_anchor_key_windows(B, T, D, E, top_k):
     assert torch.equal(ids.cpu().long()[clear], rid[clear]), f"seed {seed}"
     if clear.any():
         assert (w.double().cpu()[clear] - rw[clear]).abs().max() < 1e-5, f"seed {seed}"
+    # any visiting order of the anchors gives the same routes (the default groups equal windows,
+    # so a block scores only the windows it holds; the identity order mixes them in every block)
+    for order in (torch.arange(M, dtype=torch.int32, device=DEV), torch.randperm(M, generator=g).to(torch.int32).to(DEV)):
+        ids2 = torch.full((B, top_k), 12345, dtype=torch.int32, device=DEV)
+        w2 = torch.full((B, top_k), float("nan"), device=DEV)
+        pooled_route(q4.contiguous(), mask, a, start, thr, top_k, temperature, out_ids=ids2, out_weights=w2,
+                     anchor_window=window, anchor_order=order)
+        assert torch.equal(ids2.cpu().long()[clear], rid[clear]), f"seed {seed}"
+        if clear.any():
+            assert (w2.double().cpu()[clear] - rw[clear]).abs().max() < 1e-5, f"seed {seed}"
     # the reference is not the windowless routing: the windows decide some routes
     plain, _, _ = pooled_ref64(q4[0], mask, a, owner, thr, E, top_k, temperature)
     assert not torch.equal(plain, rid), f"seed {seed}: the windows changed nothing; the case checks too little"
@@ -631,6 +641,8 @@ def test_pooled_route_errors():
     q3, a = _unit3(2, 3, 8, g), unit(4, 8, g)
     _, start = experts_of([2, 2])
     thr = torch.zeros(4, device=DEV)
+    with pytest.raises(ValueError, match="pass anchor_window too"):
+        pooled_route(q3, None, a, start, thr, 1, 1.0, anchor_order=torch.arange(4, dtype=torch.int32, device=DEV))
     with pytest.raises(ValueError, match="mask must be"):
         pooled_route(q3, torch.ones(2, 4, device=DEV), a, start, thr, 1, 1.0)
     with pytest.raises(TypeError, match="expert_start has dtype int64"):

@@ -10,7 +10,11 @@ max pooling (and, with T = 1, for mean pooling or token routing with several anc
    (fp32-level products and sums: ``_common.route_dot_precision``; a NaN token score or no
    token at all leaves no score). With ``anchor_window`` (int32 [M], values 1..W) the queries
    are ``[W, B, T, D]`` (``routing.token_queries``: window w in ``queries[w - 1]``) and anchor m
-   is scored against ``queries[anchor_window[m] - 1]`` only;
+   is scored against ``queries[anchor_window[m] - 1]`` only. The pool launch then visits the
+   anchors in ``anchor_order`` (a permutation grouping equal windows, e.g. a stable argsort of
+   the windows; made per call when not given), so that an anchor block holds one window, or
+   two at a boundary, and skips the windows it does not hold: W windows cost about one pass,
+   not W;
 2. gate: an anchor whose pooled score is not finite or is below ``thresholds[m]`` drops out;
 3. an expert's score is the best of its remaining anchors; anchors are stored in expert order,
    expert ``e`` owning rows ``[expert_start[e], expert_start[e + 1])``;
@@ -51,7 +55,7 @@ MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, to
 # value-specialised (no recompile for a new expert or prompt length); D stays specialised.
 @triton.jit(do_not_specialize=["B", "T", "M", "mask_stride", "W", "T_CHUNK"])
 def _pool_kernel(
-    q_ptr, mask_ptr, a_ptr, pooled_ptr, win_ptr,
+    q_ptr, mask_ptr, a_ptr, pooled_ptr, win_ptr, order_ptr,
     B, T, M, D, mask_stride, W, T_CHUNK,
     HAS_MASK: tl.constexpr, HAS_WINDOWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, ONE_D_BLOCK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -64,6 +68,9 @@ def _pool_kernel(
     t_end = tl.minimum(T, t_begin + T_CHUNK)
     cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     col_mask = cols < M
+    if HAS_WINDOWS:  # this block's anchors in window order: one window per block, or two
+        cols = tl.load(order_ptr + cols, mask=col_mask, other=0)
+        win = tl.load(win_ptr + cols, mask=col_mask, other=0)
     cols64 = cols.to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
     tt = tl.arange(0, BLOCK_T)
@@ -71,20 +78,23 @@ def _pool_kernel(
 
     best = tl.full([BLOCK_M], NEG_INF, tl.float32)
     nan_seen = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if HAS_WINDOWS:
-        win = tl.load(win_ptr + cols, mask=col_mask, other=0)
     if ONE_D_BLOCK:
         a_one = tl.load(a_ptr + cols64[:, None] * D + dd[None, :],
                         mask=col_mask[:, None] & (dd[None, :] < D), other=0.0)
         if UPCAST:
             a_one = a_one.to(tl.float32)
+    w_lo = 0
+    w_hi = W
+    if HAS_WINDOWS:  # only the windows this block holds (anchors come window-sorted: one or two)
+        w_lo = tl.min(tl.where(col_mask, win, W + 1), axis=0) - 1
+        w_hi = tl.max(tl.where(col_mask, win, 0), axis=0)
     for t0 in range(t_begin, t_end, BLOCK_T):
         toks = t0 + tt
         tok_ok = toks < t_end
         if HAS_MASK:
             keep = tl.load(mask_ptr + b * mask_stride + toks, mask=tok_ok, other=0)
             tok_ok = tok_ok & (keep != 0)
-        for w in range(0, W):  # one pass without windows; else each window's queries in turn
+        for w in range(w_lo, w_hi):  # one pass without windows; else each window's queries in turn
             q_rows = ((w * B + b) * T + toks).to(tl.int64)
             acc = tl.zeros([BLOCK_T, BLOCK_M], dtype=tl.float32)
             if ONE_D_BLOCK:
@@ -173,6 +183,7 @@ def pooled_route_config(B: int, T: int, M: int, E: int, D: int, dtype: torch.dty
             block_t, block_m = 16, 32  # so does the unmasked loop since token splits (8-20 B on sm_80-90)
         if not masked and M <= 16:     # ... and its 16 x 16 tile at 16-wide D steps (8 B on sm_80-89)
             block_d = 32
+
     else:
         block_t = 16 if T <= 16 else (32 if T <= 32 else 64)
         block_d, warps = 32, (4 if block_t == 16 else 8)
@@ -217,10 +228,10 @@ def pooled_route_scratch_shape(queries: torch.Tensor, mask: torch.Tensor | None,
 
 
 def pooled_route_launches(queries, mask, anchors, expert_start, thresholds, out_ids, out_weights,
-                          scratch, top_k, temperature, interpreted, anchor_window=None):
+                          scratch, top_k, temperature, interpreted, anchor_window=None, anchor_order=None):
     """The two launches of one call, ``[(kernel, grid, args, kwargs)]`` (run by the wrapper,
     compiled per architecture by the compile check); ``scratch`` is fp32
-    ``pooled_route_scratch_shape(...)``."""
+    ``pooled_route_scratch_shape(...)``; ``anchor_order`` goes with ``anchor_window``."""
     B, T, D = queries.shape[-3:]
     W = queries.shape[0] if anchor_window is not None else 1
     M = anchors.shape[0]
@@ -233,6 +244,7 @@ def pooled_route_launches(queries, mask, anchors, expert_start, thresholds, out_
         (_pool_kernel, (B, triton.cdiv(M, cfg["BLOCK_M"]), splits),
          (queries, mask if has_mask else queries, anchors, scratch,
           anchor_window if anchor_window is not None else thresholds,
+          anchor_order if anchor_window is not None else thresholds,
           B, T, M, D, mask.stride(0) if has_mask else 0, W, chunk),
          dict(HAS_MASK=has_mask, HAS_WINDOWS=anchor_window is not None, BLOCK_T=cfg["BLOCK_T"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
               ONE_D_BLOCK=D <= cfg["BLOCK_D"], UPCAST=upcast,
@@ -256,16 +268,24 @@ def pooled_route(
     out_weights: torch.Tensor | None = None,
     scratch: torch.Tensor | None = None,
     anchor_window: torch.Tensor | None = None,
+    anchor_order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each of ``B`` token sequences (see the module docstring). ``mask`` [B, T] (any
     int/bool/float dtype, non-zero = a prompt token; rows may be strided) or None (every token);
     ``expert_start`` int32 [E + 1] (trusted: 0 = start[0] <= ... <= start[E] = M, no host check);
     ``scratch`` fp32 ``pooled_route_scratch_shape(...)`` (optional); ``anchor_window`` int32 [M] (values 1..W, trusted) with
-    queries [W, B, T, D], else None with queries [B, T, D]. Returns ``(ids, weights)``."""
+    queries [W, B, T, D], else None with queries [B, T, D]; ``anchor_order`` int32 [M] (a permutation
+    of the anchors grouping equal windows, trusted; default: ``routing.window_order`` made here,
+    two small launches: a caller routing many prompts keeps one). Returns
+    ``(ids, weights)``."""
     interpreted = is_interpreted(_pool_kernel)
     check_tensor("queries", queries, 3 if anchor_window is None else 4, FLOAT_DTYPES)
     if anchor_window is not None:
         check_tensor("anchor_window", anchor_window, 1, (torch.int32,))
+    if anchor_order is not None:
+        if anchor_window is None:
+            raise ValueError("anchor_order orders anchors by their key windows: pass anchor_window too")
+        check_tensor("anchor_order", anchor_order, 1, (torch.int32,))
     check_tensor("anchors", anchors, 2, FLOAT_DTYPES)
     check_tensor("thresholds", thresholds, 1, (torch.float32,))
     check_tensor("expert_start", expert_start, 1, (torch.int32,))
@@ -283,8 +303,9 @@ def pooled_route(
     E = expert_start.shape[0] - 1
     if anchors.shape[1] != D:
         raise ValueError(f"anchors must be [M, {D}] to match queries [..., B, T, {D}], got {tuple(anchors.shape)}")
-    if anchor_window is not None and anchor_window.shape[0] != M:
-        raise ValueError(f"anchor_window must have one entry per anchor ({M}), got {anchor_window.shape[0]}")
+    for name, t in (("anchor_window", anchor_window), ("anchor_order", anchor_order)):
+        if t is not None and t.shape[0] != M:
+            raise ValueError(f"{name} must have one entry per anchor ({M}), got {t.shape[0]}")
     if thresholds.shape[0] != M:
         raise ValueError(f"thresholds must have one entry per anchor ({M}), got {thresholds.shape[0]}")
     if E < 0:
@@ -312,7 +333,8 @@ def pooled_route(
                              f"{list(scratch.shape)}")
     device = check_devices({"queries": queries, "mask": mask, "anchors": anchors, "expert_start": expert_start,
                             "thresholds": thresholds, "out_ids": out_ids, "out_weights": out_weights,
-                            "scratch": scratch, "anchor_window": anchor_window}, interpreted)
+                            "scratch": scratch, "anchor_window": anchor_window,
+                            "anchor_order": anchor_order}, interpreted)
     if out_ids is None:
         out_ids = torch.empty((B, top_k), dtype=torch.int32, device=device)
     if out_weights is None:
@@ -327,9 +349,12 @@ def pooled_route(
         scratch = torch.empty(pooled_route_scratch_shape(queries, mask, anchors, expert_start, anchor_window),
                               dtype=torch.float32, device=device)
     with device_guard(device):
+        if anchor_window is not None and anchor_order is None:
+            from ..routing import window_order
+            anchor_order = window_order(anchor_window)
         for kernel, grid, args, kwargs in pooled_route_launches(
                 queries, mask, anchors, expert_start, thresholds, out_ids, out_weights, scratch,
-                top_k, temperature, interpreted, anchor_window):
+                top_k, temperature, interpreted, anchor_window, anchor_order):
             kernel[grid](*args, **kwargs)
     return out_ids, out_weights
 
@@ -369,7 +394,8 @@ def pooled_route_cases(arch: int, full: bool, make, case_type):
         kernel, _, args, kwargs = pooled_route_launches(
             make((3, B, T, D), dtype), make((B, T), torch.int64), make((M, D), dtype), make((E + 1,), torch.int32),
             make((M,), torch.float32), make((B, 1), torch.int32), make((B, 1), torch.float32),
-            make((B, 2, M), torch.float32), 1, 0.1, False, anchor_window=make((M,), torch.int32))[0]
+            make((B, 2, M), torch.float32), 1, 0.1, False, anchor_window=make((M,), torch.int32),
+            anchor_order=make((M,), torch.int32))[0]
         name = (f"pooled_route.pool {str(dtype)[6:]} mask=1 windows=3 T={T} M={M} D={D} "
                 f"T{kwargs['BLOCK_T']}xM{kwargs['BLOCK_M']}xD{kwargs['BLOCK_D']} w{kwargs['num_warps']}")
         yield case_type(name, arch, kernel, args, kwargs)
