@@ -287,8 +287,10 @@ def render(data: dict) -> str:
                   "prompt's tokens across programs (before, one program per sequence and anchor block walked "
                   "every token: with key windows a 2048-token prompt and 1 expert took 37.7 ms of device time, "
                   "now 0.34 ms). With thousands of anchors and long prompts cuBLAS (eager) is still faster: "
-                  "the kernel's fp32 tiles run tf32x3 on FMA-sized tiles, and with key windows it scores "
-                  "every window of every anchor and keeps one.",
+                  "the kernel's fp32 tiles run tf32x3 on FMA-sized tiles, and with key windows the kernel "
+                  "measured here scored every window of every anchor and kept one (the window-sorted "
+                  "anchor order that followed, scoring only the windows an anchor block holds, is not "
+                  "timed yet).",
                   "- Routing: the Triton rows use tf32x3 score tiles (the default since 2026-11-28); the "
                   "same cases with exact-IEEE fp32 tiles, measured in an earlier run on another H200 of the "
                   "same kind, took 2-3.5x longer (e.g. default routing T=512, 1024 experts: 5.5 ms against "
