@@ -2,12 +2,22 @@
 decided here, before the kernels package is imported: on a machine without CUDA the kernels
 run in Triton's CPU interpreter."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# the gate pool's vector cache (lemoe_engine.vector_cache) goes to a folder of this session, not
+# the user's ~/.cache; tests that check the cache set their own
+if "LEMOE_POOL_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="lemoe-test-cache-")
+    os.environ["LEMOE_POOL_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, True)
 
 import pytest  # noqa: E402
 

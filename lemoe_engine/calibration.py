@@ -20,7 +20,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from . import vector_cache
 from .data import EditRecord
 from .keys import guess_subject
 from .layer import LEMoELayer
@@ -44,16 +46,18 @@ class Calibration:
         self._unrelated_raw: Optional[list[torch.Tensor]] = None
         self._unrelated_queries: dict[int, object] = {}  # key window -> the pool's queries
         self.vector_cache: Optional[dict[str, torch.Tensor]] = None  # prompt -> raw token vectors, during a run
+        self.progress = False  # show a bar while embedding the gate pool (set by the editor's run)
         self.device = next(model.parameters()).device
         self.pad_id = pad_id(tokenizer)
 
     def run_prompts(self, prompts: Sequence[str], capture: Callable, batch_size: int = 64,
-                     query_only: bool = False) -> list:
+                     query_only: bool = False, progress: Optional[str] = None) -> list:
         """Forward ``prompts`` (adaptor off) up to the target layer and collect
         ``capture(layer, layer_input)`` per batch (the layers above are not run). ``query_only``:
         ``capture`` reads only the query source vectors, so the forward stops where they are made
         (decoder layer N for ``query_source="layerN"``, the embeddings for ``"embedding"``):
-        embedding thousands of gate-calibration prompts costs a few layers, not the target's."""
+        embedding thousands of gate-calibration prompts costs a few layers, not the target's.
+        ``progress``: the description of a progress bar over the prompts (None: no bar)."""
         captured: list = []
         layer = self.layer
 
@@ -79,7 +83,8 @@ class Calibration:
         else:
             handle = layer.register_forward_hook(hook)
         try:
-            with torch.no_grad(), adaptors_disabled(self.model):
+            bar = tqdm(total=len(prompts), desc=progress, unit="prompt", disable=progress is None, leave=False)
+            with torch.no_grad(), adaptors_disabled(self.model), bar:
                 for start in range(0, len(prompts), batch_size):
                     chunk = list(prompts[start:start + batch_size])
                     rows = encode_pairs(self.tokenizer, chunk, ["x"] * len(chunk))
@@ -89,11 +94,12 @@ class Calibration:
                             self.model(input_ids=ids, attention_mask=attention, use_cache=False)
                     except _StopForward:
                         pass
+                    bar.update(len(chunk))
         finally:
             handle.remove()
         return captured
 
-    def token_vectors(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+    def token_vectors(self, prompts: Sequence[str], progress: Optional[str] = None) -> list[torch.Tensor]:
         """Per prompt, the raw source vector of each of its tokens, [n_i, d] (before centring).
         During a run (``edit``) each prompt is computed once and kept until the run ends."""
         cache = self.vector_cache
@@ -104,7 +110,7 @@ class Calibration:
         def capture(layer: LEMoELayer, x: torch.Tensor):
             mask = layer.prompt_mask(x).bool()
             return [v[m].float().cpu() for v, m in zip(layer.token_vectors(x), mask)]
-        batches = self.run_prompts(missing, capture, query_only=True)
+        batches = self.run_prompts(missing, capture, query_only=True, progress=progress)
         computed = dict(zip(missing, (v for batch in batches for v in batch)))
         if cache is not None:
             cache.update(computed)
@@ -163,10 +169,31 @@ class Calibration:
 
     def unrelated_vectors(self) -> list[torch.Tensor]:
         """Raw token vectors of the unrelated prompts: computed once (the layers below the query
-        source are frozen), then centred/encoded as needed."""
+        source are frozen), then centred/encoded as needed. Kept on disk between runs
+        (``vector_cache``: the same values, read back instead of recomputed)."""
         if self._unrelated_raw is None:
-            self._unrelated_raw = self.token_vectors(self.unrelated_prompts)
+            key = self._pool_key()
+            cached = vector_cache.load_pool(key, len(self.unrelated_prompts)) if key else None
+            if cached is None:
+                cached = self.token_vectors(self.unrelated_prompts, progress=(
+                    "gate pool (kept on disk for later runs)" if key else "gate pool") if self.progress else None)
+                if key:
+                    vector_cache.store_pool(key, cached, next(self.model.parameters()).dtype)
+            self._unrelated_raw = cached
         return self._unrelated_raw
+
+    def _pool_key(self) -> Optional[str]:
+        """The disk-cache key of the unrelated pool's vectors (None: the disk cache is off)."""
+        if vector_cache.cache_dir() is None:
+            return None
+        config = self.layer.config
+        layers = decoder_layers(self.model)
+        below = (0 if config.query_source == "embedding" else config.query_layer
+                 if config.query_layer is not None else config.resolved_layer(len(layers)))
+        lower = [self.model.get_input_embeddings(), *layers[:below]]
+        encoded = self.tokenizer(list(self.unrelated_prompts))["input_ids"]
+        return vector_cache.pool_key(self.model, self.tokenizer, lower, config.query_source,
+                                     self.unrelated_prompts, encoded)
 
     def fit_center(self, prompts: Sequence[str]) -> None:
         """Before the first expert: remove the mean direction all token vectors share. Fixed after."""

@@ -465,6 +465,7 @@ class LifelongEditor:
                         progress: bool, on_batch) -> list[BatchReport]:
         edits = run.edits
         self.calibration.vector_cache = {}  # every prompt's lower layers run once in this run
+        self.calibration.progress = progress
         try:
             features = None
             if plan in ("keys", "kmeans"):
@@ -492,6 +493,7 @@ class LifelongEditor:
                 raise
         finally:
             self.calibration.vector_cache = None
+            self.calibration.progress = False
         return reports
 
     def plan_features(self, edits: Sequence[EditRecord]):
