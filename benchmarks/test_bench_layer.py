@@ -224,6 +224,31 @@ def _expected_rows(layer: LEMoELayer, x: torch.Tensor, generator: torch.Generato
     return rows.to(x.device), torch.stack(deltas), ids
 
 
+def _check_output(layer: LEMoELayer, x: torch.Tensor, out: torch.Tensor, backend: str,
+                  generator: torch.Generator, prompt: torch.Tensor | None = None):
+    """The layer's output for ``x`` against an fp32 recomputation of sampled rows (routed by
+    ``prompt`` when given: a decode step on a kept route) and, for triton, against the eager
+    backend on the whole output. Returns the checks and the route's expert ids."""
+    with torch.inference_mode():
+        assert layer._use_kernels(x) == (backend == "triton")  # the backend under test really ran
+        base = layer.base_layer(x)
+        n_rows = x.shape[0] * x.shape[1]
+        rows, expected, ids = _expected_rows(layer, x, generator, prompt)
+        got = (out.reshape(n_rows, -1)[rows] - base.reshape(n_rows, -1)[rows]).float()
+        tol = benchlib.DELTA_TOL[x.dtype]
+        checks = {"rel_err_sampled_rows_vs_fp32": benchlib.rel_err(got, expected)}
+        assert float(expected.norm()) > 0, "the experts added nothing: nothing was checked"
+        assert checks["rel_err_sampled_rows_vs_fp32"] < tol, checks
+        if backend == "triton":
+            layer.config.backend = "eager"
+            eager = layer(x)  # the same route (kept or fresh), the eager expert FFN
+            layer.config.backend = backend
+            checks["rel_err_delta_vs_eager"] = benchlib.rel_err((out - base).float(), (eager - base).float())
+            assert checks["rel_err_delta_vs_eager"] < tol, checks
+        assert torch.isfinite(out).all()
+    return checks, ids
+
+
 @pytest.mark.parametrize("shape,hidden,experts,top_k,tokens,backend", list(_layer_cases()))
 def test_layer_latency(benchmark, bench_rows, request, shape, hidden, experts, top_k, tokens, backend):
     s = SHAPES[shape]
@@ -240,24 +265,7 @@ def test_layer_latency(benchmark, bench_rows, request, shape, hidden, experts, t
     benchmark.group = f"layer {shape} T={tokens}"
     benchmark.extra_info.update(hidden=hidden, experts=experts, top_k=top_k, backend=backend)
     out = benchmark(_timed(op))
-    with torch.inference_mode():
-        assert layer._use_kernels(x) == (backend == "triton")  # the backend under test really ran
-        base = layer.base_layer(x)
-        g = torch.Generator().manual_seed(tokens + 17 * experts + top_k)
-        n_rows = x.shape[0] * x.shape[1]
-        rows, expected, ids = _expected_rows(layer, x, g)
-        got = (out.reshape(n_rows, -1)[rows] - base.reshape(n_rows, -1)[rows]).float()
-        tol = benchlib.DELTA_TOL[s["dtype"]]
-        checks = {"rel_err_sampled_rows_vs_fp32": benchlib.rel_err(got, expected)}
-        assert float(expected.norm()) > 0, "the experts added nothing: nothing was checked"
-        assert checks["rel_err_sampled_rows_vs_fp32"] < tol, checks
-        if backend == "triton":
-            layer.config.backend = "eager"
-            eager = layer(x)
-            layer.config.backend = backend
-            checks["rel_err_delta_vs_eager"] = benchlib.rel_err((out - base).float(), (eager - base).float())
-            assert checks["rel_err_delta_vs_eager"] < tol, checks
-        assert torch.isfinite(out).all()
+    checks, ids = _check_output(layer, x, out, backend, torch.Generator().manual_seed(tokens + 17 * experts + top_k))
 
     device_us = benchlib.device_time_us(op) if (CUDA and benchmark.enabled) else None
     esize = torch.finfo(s["dtype"]).bits // 8
@@ -303,22 +311,7 @@ def test_layer_decode_step_latency(benchmark, bench_rows, request, shape, hidden
         benchmark.group = f"layer {shape} decode step B={tokens}"
         benchmark.extra_info.update(hidden=hidden, experts=experts, top_k=top_k, backend=backend)
         out = benchmark(_timed(op))
-        with torch.inference_mode():
-            assert layer._use_kernels(x) == (backend == "triton")
-            base = layer.base_layer(x)
-            rows, expected, ids = _expected_rows(layer, x, torch.Generator().manual_seed(tokens + top_k), prompt)
-            got = (out.reshape(tokens, -1)[rows] - base.reshape(tokens, -1)[rows]).float()
-            tol = benchlib.DELTA_TOL[s["dtype"]]
-            checks = {"rel_err_sampled_rows_vs_fp32": benchlib.rel_err(got, expected)}
-            assert float(expected.norm()) > 0, "the experts added nothing: nothing was checked"
-            assert checks["rel_err_sampled_rows_vs_fp32"] < tol, checks
-            if backend == "triton":
-                layer.config.backend = "eager"
-                eager = layer(x)  # the same kept route, the eager expert FFN
-                layer.config.backend = backend
-                checks["rel_err_delta_vs_eager"] = benchlib.rel_err((out - base).float(), (eager - base).float())
-                assert checks["rel_err_delta_vs_eager"] < tol, checks
-            assert torch.isfinite(out).all()
+        checks, ids = _check_output(layer, x, out, backend, torch.Generator().manual_seed(tokens + top_k), prompt)
         device_us = benchlib.device_time_us(op) if (CUDA and benchmark.enabled) else None
     finally:
         layer.set_route_context(RouteContext())
