@@ -36,6 +36,9 @@ from torch import nn
 FORMAT = 1
 """Bumped whenever what the cached vectors mean changes (the key includes it)."""
 SAMPLES_PER_TENSOR = 4096
+MAX_ENTRY_BYTES = 2 * 2**30
+"""A pool whose vectors would take more than this on disk is not cached (a warning says so): a
+user's own pool of a hundred thousand prompts on a 7B model would otherwise write gigabytes."""
 
 
 def cache_dir() -> Optional[Path]:
@@ -122,10 +125,16 @@ def store_pool(key: str, vectors: Sequence[torch.Tensor], dtype: torch.dtype = t
     if folder is None:
         return None
     path = folder / f"pool-{key}.pt"
+    payload = {"key": key, "lengths": torch.tensor([v.shape[0] for v in vectors], dtype=torch.int64),
+               "vectors": _compact(torch.cat([v.float() for v in vectors]).contiguous(), dtype)}
+    size = payload["vectors"].numel() * payload["vectors"].element_size()
+    if size > MAX_ENTRY_BYTES:
+        warnings.warn(f"lemoe_engine: the gate pool's vectors take {size / 2**30:.1f} GiB, more than the "
+                      f"pool-vector cache keeps ({MAX_ENTRY_BYTES / 2**30:.0f} GiB): not cached, every run "
+                      "embeds the pool again", stacklevel=2)
+        return None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        payload = {"key": key, "lengths": torch.tensor([v.shape[0] for v in vectors], dtype=torch.int64),
-                   "vectors": _compact(torch.cat([v.float() for v in vectors]).contiguous(), dtype)}
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".pool-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -135,7 +144,7 @@ def store_pool(key: str, vectors: Sequence[torch.Tensor], dtype: torch.dtype = t
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return path
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
         warnings.warn(f"lemoe_engine: could not write the pool-vector cache in {folder} ({exc}); "
                       "set LEMOE_POOL_CACHE to a writable folder, or LEMOE_POOL_CACHE=off", stacklevel=2)
         return None

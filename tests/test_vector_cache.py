@@ -113,3 +113,20 @@ def test_the_default_folder_is_in_the_engine_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("LEMOE_POOL_CACHE", raising=False)
     monkeypatch.setenv("LEMOE_CACHE", str(tmp_path))
     assert vector_cache.cache_dir() == tmp_path / "pool-vectors"
+
+
+def test_a_pool_too_large_for_the_cache_is_not_written(cache, monkeypatch):
+    monkeypatch.setattr(vector_cache, "MAX_ENTRY_BYTES", 100)
+    with pytest.warns(UserWarning, match="not cached"):
+        assert vector_cache.store_pool("m" * 32, [torch.randn(4, 8)]) is None
+    assert not cache.exists() or not any(cache.glob("pool-*.pt"))
+
+
+def test_an_unwritable_cache_folder_costs_the_cache_not_the_run(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("LEMOE_POOL_CACHE", str(blocker / "cache"))
+    tok = tiny_tokenizer(False)
+    with pytest.warns(UserWarning, match="could not write the pool-vector cache"):
+        vectors = _pool_vectors(_model(tok), tok)
+    assert len(vectors) == len(POOL)
