@@ -14,6 +14,7 @@ gets when served (``Calibration``, used by ``editor.LifelongEditor``).
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -183,17 +184,26 @@ class Calibration:
         return self._unrelated_raw
 
     def _pool_key(self) -> Optional[str]:
-        """The disk-cache key of the unrelated pool's vectors (None: the disk cache is off)."""
+        """The disk-cache key of the unrelated pool's vectors (None: the disk cache is off, or
+        the key cannot be made here, e.g. weights offloaded to the meta device: then no cache)."""
         if vector_cache.cache_dir() is None:
             return None
         config = self.layer.config
         layers = decoder_layers(self.model)
-        below = (0 if config.query_source == "embedding" else config.query_layer
-                 if config.query_layer is not None else config.resolved_layer(len(layers)))
-        lower = [self.model.get_input_embeddings(), *layers[:below]]
-        encoded = self.tokenizer(list(self.unrelated_prompts))["input_ids"]
-        return vector_cache.pool_key(self.model, self.tokenizer, lower, config.query_source,
-                                     self.unrelated_prompts, encoded)
+        try:
+            if config.query_source == "embedding":
+                lower = [self.model.get_input_embeddings()]
+            elif config.query_layer is not None:
+                lower = [self.model.get_input_embeddings(), *layers[:config.query_layer]]
+            else:  # the target MLP's input: its own decoder layer's attention and norms too
+                lower = [self.model.get_input_embeddings(), *layers[:config.resolved_layer(len(layers)) + 1]]
+            rows = encode_pairs(self.tokenizer, self.unrelated_prompts, ["x"] * len(self.unrelated_prompts))
+            encoded = [[list(map(int, row.ids)), int(row.prompt_len)] for row in rows]
+            return vector_cache.pool_key(self.model, lower, [self.layer], config.query_source,
+                                         self.unrelated_prompts, encoded)
+        except Exception as exc:  # no key, no cache: the run itself goes on
+            warnings.warn(f"lemoe_engine: the gate pool's vectors are not cached this run ({exc})", stacklevel=2)
+            return None
 
     def fit_center(self, prompts: Sequence[str]) -> None:
         """Before the first expert: remove the mean direction all token vectors share. Fixed after."""

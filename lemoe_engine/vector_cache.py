@@ -4,18 +4,22 @@ the same thousands of unrelated prompts again.
 Every run calibrates its gate on a pool of unrelated prompts (3,435 bundled ones): their token
 vectors at the query source (decoder layer ``query_layer``, or the embeddings) cost about 30 s on
 a 2-core CPU for SmolLM2-135M, as much as training a dozen experts, and they are the same in
-every run of the same model. The cache stores them once per (model, pool), exactly (the values an
-uncached run computes; in the model's half dtype when that holds them exactly, else fp32; about
-140 MB for the bundled pool and SmolLM2-135M in fp32), in ``cache_dir()``:
+every run of the same model. The cache stores them once per (model, pool), unrounded (the values
+the run that wrote the entry computed; in the model's half dtype when that holds them exactly,
+else fp32; about 140 MB for the bundled pool and SmolLM2-135M in fp32), in ``cache_dir()``:
 
 * ``$LEMOE_POOL_CACHE`` if set (``off`` disables the disk cache),
 * else ``pool-vectors`` in the engine's cache folder (``$LEMOE_CACHE``, else
   ``~/.cache/lemoe-engine``: ``models.cache_root``, where converted models live too).
 
 A file is named by a key over everything the vectors depend on: the prompts (in order), the
-tokenizer's behaviour on them, the model's configuration, a fingerprint of the weights below the
-query source (sampled values of every tensor, so a fine-tuned copy at the same path gets its
-own entry), dtype and device type, the query source, and the torch / transformers versions.
+token ids a run feeds for them, the model's configuration and attention implementation, a
+fingerprint of the weights that compute them (per-row sums and sampled values of every tensor
+below the query source, so a fine-tuned copy at the same path gets its own entry), dtype, the
+device (the GPU's name), the query source, and the torch / transformers versions. A fresh
+computation on the same machine can still differ from an entry in the last bits where its
+batches are composed differently (a run embeds a pool prompt that is also an edit prompt with
+the edits).
 A file that cannot be read or does not match is recomputed and rewritten, never trusted. Only
 files named ``pool-<key>.pt`` in that folder are ever written; nothing is deleted.
 """
@@ -50,36 +54,44 @@ def cache_dir() -> Optional[Path]:
     return cache_root() / "pool-vectors"
 
 
-def _weights_fingerprint(modules: Sequence[nn.Module]) -> str:
-    """Shapes, dtypes and evenly spaced sampled values of every parameter and buffer of
-    ``modules`` (a few thousand per tensor: cheap at any model size, yet any fine-tune moves
-    them)."""
+def _weights_fingerprint(modules: Sequence[nn.Module], skip: Sequence[nn.Module] = ()) -> str:
+    """Shapes, dtypes, per-row sums and evenly spaced sampled values of every parameter and
+    buffer of ``modules`` (outside the ``skip`` modules): cheap at any model size, and a changed
+    row (a fine-tune, a retrained token embedding) changes its row's sum."""
+    skipped = {id(p) for m in skip for p in list(m.parameters()) + list(m.buffers())}
     digest = hashlib.sha256()
     for module in modules:
         for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if id(tensor) in skipped:
+                continue
             flat = tensor.detach().reshape(-1)
             step = max(1, flat.numel() // SAMPLES_PER_TENSOR)
-            sample = flat[::step][:SAMPLES_PER_TENSOR].float().cpu().numpy().tobytes()
+            rows = tensor.detach().reshape(tensor.shape[0], -1) if tensor.dim() > 1 else flat[:, None]
             digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-            digest.update(sample)
+            digest.update(flat[::step][:SAMPLES_PER_TENSOR].float().cpu().numpy().tobytes())
+            digest.update(rows.float().sum(dim=1).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
-def pool_key(model: nn.Module, tokenizer, lower_modules: Sequence[nn.Module], query_source: str,
-             prompts: Sequence[str], encoded: Sequence[Sequence[int]]) -> str:
-    """The cache key of a pool's vectors (see the module docstring); ``encoded`` are the token ids
-    the runs feed for ``prompts`` (so a changed tokenizer changes the key)."""
+def pool_key(model: nn.Module, lower_modules: Sequence[nn.Module], skip_modules: Sequence[nn.Module],
+             query_source: str, prompts: Sequence[str], encoded: Sequence) -> str:
+    """The cache key of a pool's vectors (see the module docstring): ``lower_modules`` compute
+    them (but the ``skip_modules`` inside them do not: the adaptor), ``encoded`` is what the runs
+    feed for ``prompts`` (token ids and prompt lengths)."""
     import transformers
 
     parameter = next(model.parameters())
     config = getattr(model, "config", None)
     config_text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
+    device = parameter.device
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
     digest = hashlib.sha256()
-    for part in (f"format {FORMAT}", query_source, str(parameter.dtype), parameter.device.type,
-                 torch.__version__, transformers.__version__, type(model).__name__, type(tokenizer).__name__,
-                 config_text, _weights_fingerprint(lower_modules)):
+    for part in (f"format {FORMAT}", query_source, str(parameter.dtype), hardware,
+                 str(getattr(config, "_attn_implementation", None)),
+                 torch.__version__, transformers.__version__, type(model).__name__,
+                 config_text, _weights_fingerprint(lower_modules, skip_modules)):
         digest.update(part.encode() + b"\0")
-    digest.update(json.dumps([list(map(int, ids)) for ids in encoded]).encode())
+    digest.update(json.dumps(list(encoded)).encode())
     digest.update(json.dumps(list(prompts)).encode())
     return digest.hexdigest()[:32]
 

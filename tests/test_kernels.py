@@ -487,25 +487,30 @@ def test_pooled_route_per_anchor_key_windows(B, T, D, E, top_k):
     from lemoe_engine.routing import route_scores, window_scores
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
     g = gen(seed)
-    counts = torch.randint(1, 4, (E,), generator=g)
-    M = int(counts.sum())
-    owner, start = experts_of(counts)
-    q4 = torch.stack([_unit3(B, T, D, g) for _ in range(3)])
-    a = unit(M, D, g)
-    window = torch.randint(1, 4, (M,), generator=g).to(torch.int32).to(DEV)
-    mask = (torch.rand(B, T, generator=g) < 0.8).long().to(DEV)
-    mask[:, 0] = 1
-    pooled64 = torch.einsum("wbtd,md->wbtm", q4.double().cpu(), a.double().cpu()).amax(2)   # [W, B, M]
-    own = pooled64.gather(0, (window.long().cpu() - 1)[None, None, :].expand(1, B, M))[0]
-    thr = (own.median(dim=0).values - 0.01).float().to(DEV)       # about half the anchors gated
-    temperature = float(torch.empty(1).uniform_(0.05, 1.0, generator=g))
+    # fresh inputs until most rows are clear of near-ties (with 1,800 anchors about 3% of draws
+    # have two of four rows within 1e-5 of a threshold): the draws follow from the seed
+    for _ in range(10):
+        counts = torch.randint(1, 4, (E,), generator=g)
+        M = int(counts.sum())
+        owner, start = experts_of(counts)
+        q4 = torch.stack([_unit3(B, T, D, g) for _ in range(3)])
+        a = unit(M, D, g)
+        window = torch.randint(1, 4, (M,), generator=g).to(torch.int32).to(DEV)
+        mask = (torch.rand(B, T, generator=g) < 0.8).long().to(DEV)
+        mask[:, 0] = 1
+        pooled64 = torch.einsum("wbtd,md->wbtm", q4.double().cpu(), a.double().cpu()).amax(2)   # [W, B, M]
+        own = pooled64.gather(0, (window.long().cpu() - 1)[None, None, :].expand(1, B, M))[0]
+        thr = (own.median(dim=0).values - 0.01).float().to(DEV)       # about half the anchors gated
+        temperature = float(torch.empty(1).uniform_(0.05, 1.0, generator=g))
+        rid, rw, clear = pooled_ref64(q4, mask, a, owner, thr, E, top_k, temperature, window=window)
+        if clear.float().mean() >= 0.6:
+            break
+    assert clear.float().mean() >= 0.6, f"seed {seed}: too many near-ties in 10 draws"
     ids = torch.full((B, top_k), 12345, dtype=torch.int32, device=DEV)
     w = torch.full((B, top_k), float("nan"), device=DEV)
     pooled_route(q4.contiguous(), mask, a, start, thr, top_k, temperature, out_ids=ids, out_weights=w,
                  anchor_window=window)
     assert ((ids >= -1) & (ids < E)).all() and torch.isfinite(w).all(), f"seed {seed}"
-    rid, rw, clear = pooled_ref64(q4, mask, a, owner, thr, E, top_k, temperature, window=window)
-    assert clear.float().mean() >= 0.6, f"seed {seed}: too many near-ties"
     assert torch.equal(ids.cpu().long()[clear], rid[clear]), f"seed {seed}"
     if clear.any():
         assert (w.double().cpu()[clear] - rw[clear]).abs().max() < 1e-5, f"seed {seed}"
@@ -606,28 +611,32 @@ def test_pooled_route_token_splits():
     gates the anchor even though the other splits are finite, and every scratch slot is
     written (the scratch is poisoned with NaN, which would gate anchors it was left in)."""
     from lemoe_engine.kernels import pooled_route, pooled_route_scratch_shape
-    g = gen(int(torch.randint(0, 2**31 - 1, (1,))))
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    g = gen(seed)
     B, T, D, E = 3, 300, 24, 20
-    counts = torch.randint(1, 4, (E,), generator=g)
-    M = int(counts.sum())
-    owner, start = experts_of(counts)
-    q3, a = _unit3(B, T, D, g), unit(M, D, g)
-    q3[0, T - 10, 3] = float("nan")              # row 0: a NaN in the last split only
-    a[int((owner == 4).nonzero()[0])] = q3[1, T - 40]   # row 1: its best match late in the prompt
-    mask = (torch.rand(B, T, generator=g) < 0.9).long().to(DEV)
-    mask[:, 0] = 1
-    mask[0, T - 10] = 1
-    mask[1, T - 40] = 1
-    thr = (torch.rand(M, generator=g) * 0.3).to(DEV)
+    for _ in range(10):  # fresh inputs until no row has a near-tie (about 1 draw in 300 has one)
+        counts = torch.randint(1, 4, (E,), generator=g)
+        M = int(counts.sum())
+        owner, start = experts_of(counts)
+        q3, a = _unit3(B, T, D, g), unit(M, D, g)
+        q3[0, T - 10, 3] = float("nan")              # row 0: a NaN in the last split only
+        a[int((owner == 4).nonzero()[0])] = q3[1, T - 40]   # row 1: its best match late in the prompt
+        mask = (torch.rand(B, T, generator=g) < 0.9).long().to(DEV)
+        mask[:, 0] = 1
+        mask[0, T - 10] = 1
+        mask[1, T - 40] = 1
+        thr = (torch.rand(M, generator=g) * 0.3).to(DEV)
+        rid, rw, clear = pooled_ref64(q3, mask, a, owner, thr, E, 2, 0.3)
+        if clear.all():
+            break
     shape = pooled_route_scratch_shape(q3, mask, a, start)
     assert shape[0] == B and shape[2] == M and shape[1] > 1, f"no token splits at T={T}: {shape}"
     scratch = torch.full(shape, float("nan"), device=DEV)
     ids = torch.full((B, 2), 12345, dtype=torch.int32, device=DEV)
     w = torch.full((B, 2), float("nan"), device=DEV)
     pooled_route(q3, mask, a, start, thr, 2, 0.3, out_ids=ids, out_weights=w, scratch=scratch)
-    rid, rw, clear = pooled_ref64(q3, mask, a, owner, thr, E, 2, 0.3)
-    assert clear.all(), "a near-tie: the case checks too little"
-    assert torch.equal(ids.cpu().long(), rid)
+    assert clear.all(), f"seed {seed}: a near-tie, the case checks too little"
+    assert torch.equal(ids.cpu().long(), rid), f"seed {seed}"
     assert (w.double().cpu() - rw).abs().max() < 1e-5
     assert (ids[0] == -1).all(), "a NaN score in one split must gate every anchor of row 0"
     assert int(ids[1, 0]) == 4, "the late best match must win"
@@ -1070,3 +1079,16 @@ def test_gpu_cuda_graph_capture_and_replay(top_k):
         grouped_expert_ffn(x, ids_e, w_e, w_up, w_gate, w_down, "silu", out_e, 0.9)
         assert torch.equal(ids, ids_e) and torch.equal(w, w_e)
         assert torch.equal(out, out_e)
+
+
+def test_pooled_route_token_split_plan_for_empty_and_long_inputs():
+    """The compiled-path split plan (the interpreter always takes a few splits): no division by
+    zero for an empty batch or anchor table, whole tiles per split, none empty, enough programs."""
+    from lemoe_engine.kernels.pooled_route import MAX_SPLITS, _token_splits, pooled_route_config
+    for B, T, M in ((0, 10, 8), (3, 10, 0), (1, 2048, 4), (64, 512, 4096), (1, 1, 1)):
+        cfg = pooled_route_config(B, T, M, max(M, 1), 256, torch.float32, interpreted=False)
+        splits, chunk = _token_splits(B, T, M, cfg, interpreted=False)
+        assert 1 <= splits <= MAX_SPLITS and chunk % cfg["BLOCK_T"] == 0
+        assert (splits - 1) * chunk < max(T, 1) <= splits * chunk          # every split holds a token
+    cfg = pooled_route_config(1, 2048, 4, 1, 256, torch.float32, interpreted=False)
+    assert _token_splits(1, 2048, 4, cfg, interpreted=False)[0] >= 32  # one long prompt spreads out

@@ -31,7 +31,7 @@ def _pool_vectors(model, tok, monkeypatch=None, forbid_compute=False):
     editor = LifelongEditor(model, tok, CONFIG, unrelated_prompts=POOL)
     if forbid_compute:
         monkeypatch.setattr(editor.calibration, "token_vectors",
-                            lambda prompts: pytest.fail("the pool was recomputed instead of read from the cache"))
+                            lambda *a, **k: pytest.fail("the pool was recomputed instead of read from the cache"))
     vectors = editor.calibration.unrelated_vectors()
     detach(model)
     return vectors
@@ -130,3 +130,23 @@ def test_an_unwritable_cache_folder_costs_the_cache_not_the_run(tmp_path, monkey
     with pytest.warns(UserWarning, match="could not write the pool-vector cache"):
         vectors = _pool_vectors(_model(tok), tok)
     assert len(vectors) == len(POOL)
+
+
+def test_hidden_queries_key_on_the_target_layer_below_its_mlp_not_on_the_adaptor(cache, monkeypatch):
+    """query_source='hidden' reads the target MLP's input: the target decoder layer's attention
+    and norms make it (they key the entry); the adaptor's experts do not."""
+    tok = tiny_tokenizer(False)
+    model = _model(tok)
+    config = CONFIG.replace(query_source="hidden")
+    editor = LifelongEditor(model, tok, config, unrelated_prompts=POOL)
+    editor.calibration.unrelated_vectors()
+    assert len(list(cache.glob("pool-*.pt"))) == 1
+    editor.layer.add_expert(torch.randn(editor.layer.anchors.shape[1]), trainable=False)
+    again = LifelongEditor(model, tok, unrelated_prompts=POOL)  # the same adaptor, now with an expert
+    monkeypatch.setattr(again.calibration, "token_vectors",
+                        lambda *a, **k: pytest.fail("the pool was recomputed instead of read from the cache"))
+    again.calibration.unrelated_vectors()
+    with torch.no_grad():
+        decoder_layers(model)[2].post_attention_layernorm.weight.mul_(1.5)
+    LifelongEditor(model, tok, unrelated_prompts=POOL).calibration.unrelated_vectors()
+    assert len(list(cache.glob("pool-*.pt"))) == 2

@@ -203,7 +203,7 @@ INTERPRETER_MAX_SPLITS = 4  # the interpreter splits too (long prompts in the CP
 def _token_splits(B: int, T: int, M: int, cfg: dict, interpreted: bool) -> tuple[int, int]:
     """(S, tokens per split): S splits of whole BLOCK_T tiles, none empty."""
     tiles = triton.cdiv(max(T, 1), cfg["BLOCK_T"])
-    programs = B * triton.cdiv(M, cfg["BLOCK_M"])
+    programs = max(1, B * triton.cdiv(M, cfg["BLOCK_M"]))  # B or M may be 0 (nothing is launched then)
     wanted = INTERPRETER_MAX_SPLITS if interpreted else min(MAX_SPLITS, triton.cdiv(SPLIT_TARGET_PROGRAMS, programs))
     chunk = triton.cdiv(tiles, max(1, min(tiles, wanted))) * cfg["BLOCK_T"]
     return triton.cdiv(max(T, 1), chunk), chunk
@@ -237,6 +237,9 @@ def pooled_route_launches(queries, mask, anchors, expert_start, thresholds, out_
     M = anchors.shape[0]
     E = expert_start.shape[0] - 1
     cfg, (splits, chunk) = _plan(queries, mask, anchors, expert_start, anchor_window, interpreted)
+    if anchor_window is not None and anchor_order is None:
+        from ..routing import window_order
+        anchor_order = window_order(anchor_window)
     upcast = (queries.dtype != anchors.dtype or queries.dtype == torch.float32
               or (interpreted and queries.dtype == torch.bfloat16))
     has_mask = mask is not None
@@ -349,9 +352,6 @@ def pooled_route(
         scratch = torch.empty(pooled_route_scratch_shape(queries, mask, anchors, expert_start, anchor_window),
                               dtype=torch.float32, device=device)
     with device_guard(device):
-        if anchor_window is not None and anchor_order is None:
-            from ..routing import window_order
-            anchor_order = window_order(anchor_window)
         for kernel, grid, args, kwargs in pooled_route_launches(
                 queries, mask, anchors, expert_start, thresholds, out_ids, out_weights, scratch,
                 top_k, temperature, interpreted, anchor_window, anchor_order):
