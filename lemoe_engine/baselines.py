@@ -457,7 +457,7 @@ def find_grace(model: nn.Module) -> Optional[GraceAdaptor]:
 
 def _install_context_hook(model: nn.Module, adaptor: GraceAdaptor) -> list:
     """Tell the adaptor each call's attention mask and whether it continues cached sequences."""
-    return [watch_calls(model, lambda mask, embeds, continuing: adaptor.set_call_context(mask, continuing))]
+    return [watch_calls(model, lambda mask, embeds, continuing, ids: adaptor.set_call_context(mask, continuing))]
 
 
 class GraceEditor(_Baseline):

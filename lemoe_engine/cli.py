@@ -12,15 +12,21 @@ from typing import Optional, Sequence
 DEMO_EDITS = 30
 
 
-def _load(model_name: str, adaptor: Optional[str] = None, backend: str = "auto"):
+def _load(model_name: str, adaptor: Optional[str] = None, backend: str = "auto",
+          question_gate: Optional[float] = None):
     from .models import load_model
     from .storage import load, read_adaptor
 
+    if question_gate is not None and not adaptor:
+        raise SystemExit("--question-gate needs --adaptor (it gates the adaptor's experts)")
     if adaptor:
         read_adaptor(adaptor)  # a missing or damaged adaptor fails before the model loads
     model, tokenizer = load_model(model_name)
     if adaptor:
         load(model, adaptor, backend=backend)
+    if question_gate is not None:
+        from . import question_gate as gate
+        gate.enable(model, tokenizer, question_gate)
     return model, tokenizer
 
 
@@ -180,7 +186,7 @@ def cmd_eval(args) -> int:
     from .evaluation import evaluate
 
     edits = load_edit_file(args.edits, limit=args.limit, skip_invalid=args.skip_invalid)
-    model, tokenizer = _load(args.model, args.adaptor, backend=args.backend)
+    model, tokenizer = _load(args.model, args.adaptor, backend=args.backend, question_gate=args.question_gate)
     metrics = evaluate(model, tokenizer, edits, progress=not args.json, chat=args.chat,
                        mode="generate" if args.generate or args.chat else "teacher_forced")
     if args.json:
@@ -201,7 +207,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    model, tokenizer = _load(args.model, args.adaptor, backend=args.backend)
+    model, tokenizer = _load(args.model, args.adaptor, backend=args.backend, question_gate=args.question_gate)
     print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat))
     return 0
 
@@ -265,6 +271,15 @@ def cmd_serve(args) -> int:
 def skip_invalid_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip invalid edit records (reported on stderr) instead of refusing the file")
+
+
+def question_gate_arg(parser: argparse.ArgumentParser) -> None:
+    from .question_gate import DEFAULT_THRESHOLD
+    parser.add_argument("--question-gate", type=float, nargs="?", const=DEFAULT_THRESHOLD, default=None,
+                        metavar="COSINE",
+                        help="serve a route only when the prompt asks one of its expert's edited questions "
+                             f"(sentence-embedding cosine, default {DEFAULT_THRESHOLD}): other questions about "
+                             "an edited subject keep their answers; costs some paraphrases, see README")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="ask every prompt through the tokenizer's chat template and score greedy "
                                "generations (the first 32 tokens must contain the target; implies --generate)")
     evaluate.add_argument("--backend", choices=("auto", "eager", "triton"), default="auto")
+    question_gate_arg(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     generate = sub.add_parser("generate", help="greedy generation, with or without an adaptor")
@@ -353,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true",
                           help="ask through the tokenizer's chat template (user turn + generation prompt)")
     generate.add_argument("--backend", choices=("auto", "eager", "triton"), default="auto")
+    question_gate_arg(generate)
     generate.set_defaults(func=cmd_generate)
 
     listing = sub.add_parser("list", help="the edit ledger of an adaptor: every edit, its expert and status")

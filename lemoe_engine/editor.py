@@ -466,6 +466,9 @@ class LifelongEditor:
         edits = run.edits
         self.calibration.vector_cache = {}  # every prompt's lower layers run once in this run
         self.calibration.progress = progress
+        # a serving-time route filter (question_gate) stays out of the run: routes are decided
+        # and checked as the anchors decide them
+        route_filter, self.layer.route_filter = self.layer.route_filter, None
         try:
             features = None
             if plan in ("keys", "kmeans"):
@@ -494,6 +497,8 @@ class LifelongEditor:
         finally:
             self.calibration.vector_cache = None
             self.calibration.progress = False
+            self.layer.route_filter = route_filter
+            self.layer._sequence_route = None
         return reports
 
     def plan_features(self, edits: Sequence[EditRecord]):

@@ -36,6 +36,7 @@ class RouteContext:
     attention_mask: Optional[torch.Tensor] = None
     embeddings: Optional[torch.Tensor] = None  # the per-token query source vectors [B, T, d]
     continuing: bool = False  # a KV-cache decode step of sequences already routed
+    input_ids: Optional[torch.Tensor] = None  # the call's token ids [B, T] (for a route filter)
 
 
 class LEMoELayer(nn.Module):
@@ -78,6 +79,9 @@ class LEMoELayer(nn.Module):
         self.ledger: list = []  # ledger.LedgerEntry per edit that shaped the adaptor (saved with it)
         self.disabled = False
         self._context = RouteContext()
+        # called as route_filter(layer, x, ids, weights) on each fresh sequence route [B, k]
+        # (question_gate.enable); returns the ids and weights to serve
+        self.route_filter: Optional[Any] = None
         self._query_mask: Optional[torch.Tensor] = None
         self._sequence_route: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         # the grouped order of the sequence route for the FFN kernels: (key, GroupedLayout)
@@ -320,6 +324,8 @@ class LEMoELayer(nn.Module):
             ids, weights = self._sequence_route
         else:
             ids, weights = self._route(x)
+            if self.route_filter is not None and self.config.routing == "sequence" and self.num_experts:
+                ids, weights = self.route_filter(self, x, ids, weights)
             if self.config.acts_from_key and self.num_experts:
                 starts = self.key_positions(x, ids)
             if self.config.routing == "sequence" and store:

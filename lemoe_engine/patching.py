@@ -121,8 +121,8 @@ def detach(model: nn.Module) -> nn.Module:
 
 def watch_calls(model: nn.Module, callback) -> "torch.utils.hooks.RemovableHandle":
     """Before each forward of ``model``'s decoder stack, call ``callback(attention_mask,
-    inputs_embeds, continuing)``; ``continuing`` is True when the call extends sequences already
-    in its KV cache (a decode step). Returns the hook handle."""
+    inputs_embeds, continuing, input_ids)``; ``continuing`` is True when the call extends
+    sequences already in its KV cache (a decode step). Returns the hook handle."""
     decoder = model.base_model
     parameters = inspect.signature(decoder.forward).parameters
 
@@ -136,7 +136,7 @@ def watch_calls(model: nn.Module, callback) -> "torch.utils.hooks.RemovableHandl
             cached = int(cache.get_seq_length())
         elif isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
             cached = int(cache[0][0].shape[-2])
-        callback(bound.get("attention_mask"), bound.get("inputs_embeds"), cached > 0)
+        callback(bound.get("attention_mask"), bound.get("inputs_embeds"), cached > 0, bound.get("input_ids"))
 
     return decoder.register_forward_pre_hook(before_decoder, with_kwargs=True)
 
@@ -145,9 +145,9 @@ def _install_hooks(model: nn.Module, layer: LEMoELayer) -> list:
     """The decoder pre-hook tells the layer about the call; a second hook hands it its query
     source vectors (token embeddings, or the input of decoder layer N)."""
 
-    def on_call(attention_mask, inputs_embeds, continuing):
+    def on_call(attention_mask, inputs_embeds, continuing, input_ids):
         layer.set_route_context(RouteContext(attention_mask=attention_mask, embeddings=inputs_embeds,
-                                             continuing=continuing))
+                                             continuing=continuing, input_ids=input_ids))
 
     def after_embedding(module, args, output):
         layer._context.embeddings = output

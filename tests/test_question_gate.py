@@ -1,0 +1,113 @@
+"""The question gate (``question_gate``): a route is served only when the prompt asks one of its
+expert's edited questions (sentence-embedding cosine); otherwise the output is the unedited
+model's, bit for bit."""
+
+import pytest
+import torch
+
+from lemoe_engine import ConfigError, LEMoEConfig, attach, question_gate
+from lemoe_engine.ledger import LedgerEntry
+from lemoe_engine.patching import adaptors_disabled
+from tiny_models import tiny_model, tiny_tokenizer
+
+EDITED = "What is the capital city of France?"
+PARAPHRASE = "What's the capital city of France?"
+OTHER_RELATION = "Which currency does France use?"
+UNRELATED = "What is 3 plus 4?"
+
+
+def _edited(top_k=1, experts=1):
+    """A tiny model whose adaptor routes every prompt to its experts (gate off, random non-zero
+    weights), expert 0 holding the edit ``EDITED`` and expert 1 (if any) an unrelated one."""
+    tok = tiny_tokenizer(False)
+    model = tiny_model("llama", seed=3, vocab=len(tok), layers=3, hidden=48)
+    model.config.pad_token_id = tok.pad_token_id
+    layer = attach(model, LEMoEConfig(layer=1, query_source="layer1", expert_hidden=16, top_k=top_k,
+                                      gate=False))
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    for e in range(experts):
+        layer.add_expert(torch.randn(layer.anchors.shape[1], generator=g), trainable=False)
+        for name in layer.weight_names:
+            getattr(layer, name).data[e] = torch.randn(getattr(layer, name).shape[1:], generator=g) * 0.5
+    prompts = [EDITED, "How many legs does a spider have?"]
+    layer.ledger = [LedgerEntry(id=e + 1, prompt=prompts[e], target="x", expert=e) for e in range(experts)]
+    return model, tok, layer
+
+
+def _route_and_logits(model, tok, prompt):
+    ids = tok([prompt], return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    route = tuple(t.clone() for t in find_route(model))
+    return route, logits
+
+
+def find_route(model):
+    from lemoe_engine import find_layer
+    return find_layer(model)._sequence_route
+
+
+def test_the_gate_serves_the_edited_question_and_its_paraphrase_only():
+    model, tok, layer = _edited()
+    question_gate.enable(model, tok)
+    for prompt, served in ((EDITED, True), (PARAPHRASE, True), (OTHER_RELATION, False), (UNRELATED, False)):
+        (ids, weights), logits = _route_and_logits(model, tok, prompt)
+        with adaptors_disabled(model), torch.no_grad():
+            unedited = model(input_ids=tok([prompt], return_tensors="pt").input_ids).logits
+        assert (int(ids[0, 0]) == 0) == served, prompt
+        if served:
+            assert float(weights[0, 0]) == 1.0
+            assert not torch.equal(logits, unedited), f"{prompt}: the expert changed nothing"
+        else:
+            assert float(weights[0, 0]) == 0.0
+            assert torch.equal(logits, unedited), f"{prompt}: a gated prompt must get the unedited output"
+    question_gate.disable(model)
+    (ids, _), _ = _route_and_logits(model, tok, OTHER_RELATION)
+    assert int(ids[0, 0]) == 0, "without the gate, subject routing serves every prompt"
+
+
+def test_generation_keeps_the_gated_route_over_its_decode_steps():
+    model, tok, layer = _edited()
+    question_gate.enable(model, tok)
+    ids = tok([OTHER_RELATION], return_tensors="pt").input_ids
+    with torch.no_grad():
+        gated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        with adaptors_disabled(model):
+            unedited = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(gated, unedited)
+
+
+def test_top2_keeps_the_matching_expert_with_the_whole_weight():
+    model, tok, layer = _edited(top_k=2, experts=2)
+    question_gate.enable(model, tok)
+    (ids, weights), _ = _route_and_logits(model, tok, EDITED)
+    assert 0 in ids[0].tolist() and 1 not in ids[0].tolist()
+    assert float(weights[0][ids[0] == 0]) == pytest.approx(1.0)
+    assert float(weights[0][ids[0] == -1]) == 0.0
+
+
+def test_the_user_turn_of_a_chat_prompt_is_the_question():
+    chat_tok = tiny_tokenizer(False, vocab_size=421)  # not the shared instance: it gets a template here
+    chat_tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                              "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    gate = question_gate.QuestionGate(chat_tok, 0.74)
+    text = chat_tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": EDITED}], tokenize=False,
+                                        add_generation_prompt=True)
+    ids = torch.tensor(chat_tok(text, add_special_tokens=False).input_ids)
+    assert gate.prompt_text(ids) == EDITED
+    assert question_gate.QuestionGate(tiny_tokenizer(False), 0.74).prompt_text(
+        torch.tensor(tiny_tokenizer(False)(EDITED).input_ids)) == EDITED
+
+
+def test_bad_uses_are_refused_with_a_message():
+    tok = tiny_tokenizer(False)
+    with pytest.raises(ConfigError, match="no LEMoE adaptor"):
+        question_gate.enable(tiny_model("llama", vocab=len(tok)), tok)
+    model, tok, _ = _edited()
+    with pytest.raises(ConfigError, match="cosine in"):
+        question_gate.enable(model, tok, 1.5)
+    question_gate.enable(model, tok)
+    embeds = model.get_input_embeddings()(tok([EDITED], return_tensors="pt").input_ids)
+    with pytest.raises(ConfigError, match="input_ids"), torch.no_grad():
+        model(inputs_embeds=embeds)
