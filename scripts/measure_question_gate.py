@@ -1,15 +1,14 @@
-"""Would a *question gate* fix same-subject specificity? (issue 12: a design measurement, not a
-feature of the engine yet.)
+"""The question gate (``lemoe_engine.question_gate``) side by side with today's serving, on one
+edited model (issue 12: same-subject specificity).
 
 Subject routing sends every question about an edited subject to its expert. A second gate could
 keep a route only when the prompt asks the same question as one of the expert's edits: the cosine
 of their sentence embeddings (the MiniLM-L6 encoder the planner already uses) at least ``t``.
 This script edits the first T records with the default editor, then evaluates teacher-forced and
-greedy metrics twice on the same edited model: as served today, and with the question gate
-simulated: each sequence's prompt (its prompt tokens, decoded) is embedded, and a route whose
-expert holds no edit prompt within cosine ``t`` of it is dropped (the sequence then gets the base
-MLP's output, bit for bit, as for any gated-off prompt). Raw prompts only: asked through a chat
-template the decoded prompt carries the template, and the gate would need the user turn.
+greedy metrics twice on the same edited model: as served by default, and with
+``question_gate.enable(model, tokenizer, t)`` (a route whose expert holds no edit prompt within
+cosine ``t`` of the prompt is dropped; the sequence then gets the base MLP's output), counting
+the routes the gate drops.
 
 ``t`` must not be tuned on the scored records: the default 0.74 is the best global threshold on
 bundled records 1000-1149 (outside every scored set; paraphrases kept 0.95, same-subject other-
@@ -25,11 +24,11 @@ import time
 
 import torch
 
+from lemoe_engine import question_gate
 from lemoe_engine.data import BUNDLED_EDITS, load_edits
 from lemoe_engine.editor import LifelongEditor
 from lemoe_engine.evaluation import evaluate, unedited_reference
 from lemoe_engine.models import load_model
-from lemoe_engine.planner import sentence_features
 
 
 def main(argv=None) -> int:
@@ -59,39 +58,16 @@ def main(argv=None) -> int:
             print(tag, s, out[f"{tag}_{s}"], flush=True)
 
     measure("served")
-
-    layer = editor.layer
-    by_expert: dict[int, list[str]] = {}
-    for entry in layer.ledger:
-        if entry.status == "active" and entry.expert is not None:
-            by_expert.setdefault(entry.expert, []).append(entry.prompt)
-    expert_embeddings = {e: torch.from_numpy(sentence_features(p)) for e, p in by_expert.items()}
-    current = {}
-    model.register_forward_pre_hook(lambda module, a, kw: current.__setitem__("ids", kw.get("input_ids", a[0] if a else None)),
-                                    with_kwargs=True)
-    routed = layer._route
+    gate = question_gate.enable(model, tokenizer, args.threshold)
     counts = {"routes": 0, "dropped": 0}
 
-    def question_gated_route(x):
-        ids, weights = routed(x)
-        mask = layer.prompt_mask(x)
-        tokens = current["ids"]
-        texts = [tokenizer.decode(row[m.bool()] if mask is not None else row, skip_special_tokens=True).strip()
-                 for row, m in zip(tokens, mask if mask is not None else tokens)]
-        queries = torch.from_numpy(sentence_features(texts))
-        ids, weights = ids.clone(), weights.clone()
-        for b in range(ids.shape[0]):
-            for j in range(ids.shape[1]):
-                expert = int(ids[b, j])
-                if expert < 0:
-                    continue
-                counts["routes"] += 1
-                if float((expert_embeddings[expert] @ queries[b]).max()) < args.threshold:
-                    ids[b, j], weights[b, j] = -1, 0.0
-                    counts["dropped"] += 1
-        return ids, weights
+    def counting(layer, x, ids, weights):
+        kept_ids, kept = gate(layer, x, ids, weights)
+        counts["routes"] += int((ids >= 0).sum())
+        counts["dropped"] += int(((ids >= 0) & (kept_ids < 0)).sum())
+        return kept_ids, kept
 
-    layer._route = question_gated_route
+    editor.layer.route_filter = counting
     measure("question_gate")
     out["gate_counts"] = counts
     print(json.dumps(out), flush=True)
