@@ -8,7 +8,7 @@ an edit with no such target is left out). Reported, teacher-forced
 edit of B on the unedited model, and A's reliability after A-then-B (A should be gone); each
 teacher-forced and greedy.
 
-    python scripts/measure_reedit.py --limit 20
+    python scripts/measure_reedit.py --limit 20 [--question-gate 0.74]
 """
 import argparse
 import dataclasses
@@ -28,6 +28,7 @@ from lemoe_engine.patching import detach
 torch.set_num_threads(2)
 parser = argparse.ArgumentParser()
 parser.add_argument("--limit", type=int, default=20)
+parser.add_argument("--question-gate", type=float, default=None, help="serve with the question gate at this cosine")
 args = parser.parse_args()
 
 model, tok = load_model("smollm2-135m")
@@ -55,7 +56,11 @@ greedy_reference = unedited_reference(model, tok, first, mode="generate")
 
 def metrics(edits):
     """Teacher-forced (token accuracy: an old and a new value sharing tokens, "North America" /
-    "South America", score partly) and greedy (the answer starts with the value)."""
+    "South America", score partly) and greedy (the answer starts with the value); with
+    ``--question-gate``, served through the question gate."""
+    if args.question_gate is not None:
+        from lemoe_engine import question_gate
+        question_gate.enable(model, tok, args.question_gate)
     out = {}
     for style, ref, mode in (("tf", reference, None), ("greedy", greedy_reference, "generate")):
         m = evaluate(model, tok, edits, locality_ref=ref, progress=False, mode=mode)
@@ -63,7 +68,7 @@ def metrics(edits):
     return out
 
 
-out = {"T": len(first)}
+out = {"T": len(first), "question_gate": args.question_gate}
 t0 = time.time()
 LifelongEditor(model, tok).edit(edits_a, progress=False)
 with tempfile.TemporaryDirectory() as folder:
