@@ -374,17 +374,13 @@ class LEMoELayer(nn.Module):
         ``routing.route`` (eager reference, or the fused kernels on the triton backend)."""
         use_kernels = self._use_kernels(x)
         mask = self.prompt_mask(x) if self.config.routing == "sequence" else None
-        windows = self._anchor_layout()[2]
+        start, _, windows, order = self._anchor_layout()
         return routing.route(self.config, self.query_encoder, self.anchors, self.anchor_expert,
                              self.gate_thresholds(), self.num_experts, self.token_vectors(x), mask,
                              use_kernels=use_kernels,
-                             expert_start=self._expert_start() if use_kernels else None,
+                             expert_start=start if use_kernels else None,
                              anchor_window=self.anchor_window if windows > 1 else None, windows=windows,
-                             anchor_order=self._anchor_layout()[3] if (use_kernels and windows > 1) else None)
-
-    def _expert_start(self) -> torch.Tensor:
-        """``routing.expert_starts`` of the anchors, cached until the anchor table changes."""
-        return self._anchor_layout()[0]
+                             anchor_order=order if (use_kernels and windows > 1) else None)
 
     def _anchor_layout(self) -> tuple[torch.Tensor, int, int, torch.Tensor]:
         """(``routing.expert_starts``, the most anchors one expert owns, the most tokens one

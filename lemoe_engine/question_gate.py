@@ -85,13 +85,12 @@ class QuestionGate:
         texts = [self.prompt_text(row[m]) for row, m in zip(tokens, mask)]
         queries = torch.from_numpy(sentence_features(texts))
         # per (sequence, expert) the best cosine to any of the expert's questions; experts with
-        # no question on record are never gated
-        per_expert = torch.full((len(texts), layer.num_experts), float("inf"))
+        # no question on record start at +inf (include_self) and so are never gated
         held = torch.zeros(layer.num_experts, dtype=torch.bool)
         held[owner] = True
-        best = torch.full((len(texts), layer.num_experts), float("-inf"))
-        best = best.scatter_reduce(1, owner[None].expand(len(texts), -1), queries @ embeddings.T, "amax")
-        per_expert = torch.where(held[None], best, per_expert).to(ids.device)
+        start = torch.where(held, float("-inf"), float("inf")).expand(len(texts), -1)
+        per_expert = start.scatter_reduce(1, owner[None].expand(len(texts), -1), queries @ embeddings.T,
+                                          "amax").to(ids.device)
         slot = ids.long().clamp_min(0)
         keep = (ids >= 0) & (per_expert.gather(1, slot) >= self.threshold)
         kept = torch.where(keep, weights, torch.zeros_like(weights))
