@@ -68,7 +68,7 @@ def route_case(S: int, E: int, D: int, k: int, dtype: torch.dtype, seed: int) ->
 def pooled_case(B: int, T: int, E: int, per: int, D: int, k: int, seed: int, W: int = 1) -> None:
     """The default routing (max pooling, several anchors per expert; with W > 1 each anchor
     scored against the queries of its own key window) against the eager path."""
-    from lemoe_engine.routing import expert_starts, route_scores, window_scores
+    from lemoe_engine.routing import expert_starts, route_scores, window_order, window_scores
     g = torch.Generator().manual_seed(seed)
     q = unit(W * B * T, D, g).reshape(W, B, T, D)
     a = unit(E * per, D, g)
@@ -79,7 +79,8 @@ def pooled_case(B: int, T: int, E: int, per: int, D: int, k: int, seed: int, W: 
     ids = torch.full((B, k), -7, dtype=torch.int32, device=DEV)
     w = torch.full((B, k), float("nan"), device=DEV)
     pooled_route(q if W > 1 else q[0], mask, a, expert_starts(owner, E), thr, k, 0.1, out_ids=ids,
-                 out_weights=w, anchor_window=window)
+                 out_weights=w, anchor_window=window,
+                 anchor_order=None if window is None else window_order(window))  # as the layer passes it
     torch.cuda.synchronize()
     scores = window_scores(q, a, window).masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(dim=1).values
     ref_ids, ref_w = route_scores(scores, thr, owner, E, k, 0.1)
