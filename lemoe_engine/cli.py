@@ -12,22 +12,37 @@ from typing import Optional, Sequence
 DEMO_EDITS = 30
 
 
+GATE_OFF = "off"
+
+
 def _load(model_name: str, adaptor: Optional[str] = None, backend: str = "auto",
-          question_gate: Optional[float] = None):
+          question_gate: "Optional[float | str]" = None):
+    """The model, with ``adaptor`` loaded; ``question_gate``: None = as the adaptor says, a
+    cosine, or GATE_OFF (``question_gate_choice``)."""
     from .models import load_model
     from .storage import load, read_adaptor
 
     if question_gate is not None and not adaptor:
-        raise SystemExit("--question-gate needs --adaptor (it gates the adaptor's experts)")
+        raise SystemExit("--question-gate / --no-question-gate need --adaptor (the gate belongs to the adaptor)")
     if adaptor:
         read_adaptor(adaptor)  # a missing or damaged adaptor fails before the model loads
     model, tokenizer = load_model(model_name)
     if adaptor:
-        load(model, adaptor, backend=backend)
+        load(model, adaptor, backend=backend, tokenizer=tokenizer)
     if question_gate is not None:
         from . import question_gate as gate
-        gate.enable(model, tokenizer, question_gate)
+        if question_gate == GATE_OFF:
+            gate.disable(model)
+        else:
+            gate.enable(model, tokenizer, question_gate)
     return model, tokenizer
+
+
+def question_gate_choice(args) -> "Optional[float | str]":
+    """--question-gate [COSINE] / --no-question-gate: a cosine, GATE_OFF, or None (unchanged)."""
+    if getattr(args, "no_question_gate", False):
+        return GATE_OFF
+    return getattr(args, "question_gate", None)
 
 
 def load_edit_file(path, limit: Optional[int] = None, skip_invalid: bool = False):
@@ -53,6 +68,9 @@ def _editor_config(args) -> tuple:
         overrides["expert_span"] = args.expert_span
     if getattr(args, "query_window", None) is not None:
         overrides["query_window"] = args.query_window
+    gate = question_gate_choice(args)
+    if gate is not None:
+        overrides["question_gate"] = None if gate == GATE_OFF else gate
     return LEMoEConfig(seed=args.seed, **overrides), EditorConfig(train_eos=not args.no_train_eos,
                                                                   block_size=getattr(args, "block_size", None),
                                                                   negatives=args.negatives,
@@ -135,7 +153,7 @@ def cmd_demo(args) -> int:
         for (label, question, chat), was in zip(_demo_questions(edit, tokenizer), old):
             now = generate_text(model, tokenizer, question, chat=chat)
             print(f"    {label:<28} {question!r}\n      {was!r} -> {now!r}")
-    print(f"\nadaptor written to {path} (load it with lemoe_engine.load(model, {str(path)!r}))")
+    print(f"\nadaptor written to {path} (load it with lemoe_engine.load(model, {str(path)!r}, tokenizer=tokenizer))")
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -159,7 +177,8 @@ def cmd_edit(args) -> int:
     # the writer lock on --out is held from reading --adaptor until the new adaptor is in place,
     # so two `lemoe edit --adaptor A --out A` cannot lose each other's edits
     with adaptor_lock(args.out):
-        model, tokenizer = _load(args.model, args.adaptor, backend="eager")
+        model, tokenizer = _load(args.model, args.adaptor, backend="eager",
+                                 question_gate=question_gate_choice(args) if args.adaptor else None)
         config, editor_config = (None, _editor_config(args)[1]) if args.adaptor else _editor_config(args)
         editor = LifelongEditor(model, tokenizer, config, editor_config, unrelated_prompts=unrelated)
         started = time.perf_counter()
@@ -186,7 +205,7 @@ def cmd_eval(args) -> int:
     from .evaluation import evaluate
 
     edits = load_edit_file(args.edits, limit=args.limit, skip_invalid=args.skip_invalid)
-    model, tokenizer = _load(args.model, args.adaptor, backend=args.backend, question_gate=args.question_gate)
+    model, tokenizer = _load(args.model, args.adaptor, backend=args.backend, question_gate=question_gate_choice(args))
     metrics = evaluate(model, tokenizer, edits, progress=not args.json, chat=args.chat,
                        mode="generate" if args.generate or args.chat else "teacher_forced")
     if args.json:
@@ -203,11 +222,15 @@ def cmd_eval(args) -> int:
         print(f"{spec}{leak}")
         print(f"over {metrics.n_edits} edits, {style} (locality and specificity against the same model "
               "with the adaptor off)")
+        from .patching import find_layer
+        layer = find_layer(model)
+        print("question gate: " + (f"on (cosine {layer.config.question_gate})" if layer.route_filter is not None
+                                   else "off"))
     return 0
 
 
 def cmd_generate(args) -> int:
-    model, tokenizer = _load(args.model, args.adaptor, backend=args.backend, question_gate=args.question_gate)
+    model, tokenizer = _load(args.model, args.adaptor, backend=args.backend, question_gate=question_gate_choice(args))
     print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat))
     return 0
 
@@ -273,13 +296,20 @@ def skip_invalid_arg(parser: argparse.ArgumentParser) -> None:
                         help="skip invalid edit records (reported on stderr) instead of refusing the file")
 
 
-def question_gate_arg(parser: argparse.ArgumentParser) -> None:
-    from .question_gate import DEFAULT_THRESHOLD
-    parser.add_argument("--question-gate", type=float, nargs="?", const=DEFAULT_THRESHOLD, default=None,
-                        metavar="COSINE",
-                        help="serve a route only when the prompt asks one of its expert's edited questions "
-                             f"(sentence-embedding cosine, default {DEFAULT_THRESHOLD}): other questions about "
-                             "an edited subject keep their answers; costs some paraphrases, see README")
+def question_gate_arg(parser: argparse.ArgumentParser, serving: bool = True) -> None:
+    from .config import DEFAULT_QUESTION_GATE
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--question-gate", type=float, nargs="?", const=DEFAULT_QUESTION_GATE, default=None,
+                       metavar="COSINE",
+                       help="the question gate (on by default): serve a route only when the prompt asks one "
+                            "of its expert's edited questions (sentence-embedding cosine >= COSINE, default "
+                            f"{DEFAULT_QUESTION_GATE}), so other questions about an edited subject keep their "
+                            "answers; costs some paraphrases, see README"
+                            + ("" if serving else "; saved with the adaptor"))
+    group.add_argument("--no-question-gate", action="store_true",
+                       help="route every prompt as the anchors decide (more paraphrases reach their edit, "
+                            "other questions about an edited subject too)"
+                            + (" for this command" if serving else "; saved with the adaptor"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "alone); default: chosen from free memory; 1 = one expert at a time")
         p.add_argument("--limit", type=int, default=limit_default, help="use the first N edits")
         p.add_argument("--seed", type=int, default=0)
+        question_gate_arg(p, serving=False)
 
     demo = sub.add_parser("demo", help="edit the bundled model with bundled edits, on CPU")
     editing_args(demo, limit_default=DEMO_EDITS)

@@ -18,6 +18,11 @@ EXPERT_SPANS = ("prompt", "key")
 BACKENDS = ("auto", "eager", "triton")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_TOP_K = 4  # the routing kernel keeps a running top-k of at most this many slots
+DEFAULT_QUESTION_GATE = 0.74
+"""The question gate's cosine (``LEMoEConfig.question_gate``). Chosen on bundled records
+1000-1149, outside every scored set: the best global threshold there keeps 95% of paraphrases and
+blocks over 90% of same-subject questions about another relation; it keeps 97% of real ZsRE
+paraphrases (records 0-399)."""
 
 
 @dataclass
@@ -76,6 +81,14 @@ class LEMoEConfig:
     """Softmax temperature over the top-k cosine scores."""
     gate: bool = True
     """Apply the per-expert locality gate (thresholds calibrated by the editor)."""
+    question_gate: Optional[float] = DEFAULT_QUESTION_GATE
+    """Sequence routing only: serve a fresh route only when the prompt asks one of its expert's
+    edited questions, i.e. its sentence embedding (MiniLM-L6) is within this cosine of an active
+    edit prompt of the ledger; otherwise the sequence gets the base MLP. Other questions about an
+    edited subject keep their answers (specificity 0.29 -> 0.94 at T=100, for 0.08 of
+    generality: README, *Question gate*). None: off, routes are served as the anchors decide.
+    Needs the tokenizer at serving time (``lemoe_engine.question_gate``). Adaptors saved before
+    format 5 load with None."""
     gate_margin: float = 0.02
     """Calibration margin: threshold sits this far above the best unrelated score. 0.02 with the
     bundled 3,435 unrelated prompts (0.05 suited the first 300: with thousands of real-looking
@@ -124,6 +137,10 @@ class LEMoEConfig:
              and math.isfinite(self.temperature),
              f"temperature must be a positive finite number, got {self.temperature!r}")
         need(isinstance(self.gate, bool), "gate must be True or False")
+        need(self.question_gate is None or (isinstance(self.question_gate, (int, float))
+                                             and not isinstance(self.question_gate, bool)
+                                             and -1.0 <= self.question_gate <= 1.0),
+             f"question_gate must be None (off) or a cosine in [-1, 1], got {self.question_gate!r}")
         need(isinstance(self.gate_margin, (int, float)) and 0 <= self.gate_margin < 2,
              f"gate_margin must be in [0, 2) (cosine units), got {self.gate_margin!r}")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -133,6 +150,8 @@ class LEMoEConfig:
         self.scale = float(self.scale)
         self.temperature = float(self.temperature)
         self.gate_margin = float(self.gate_margin)
+        if self.question_gate is not None:
+            self.question_gate = float(self.question_gate)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,6 +190,11 @@ class LEMoEConfig:
     def acts_from_key(self) -> bool:
         """Experts start at their matched prompt token (``expert_span='key'`` with max pooling)."""
         return self.expert_span == "key" and self.routing == "sequence" and self.query_pooling == "max"
+
+    @property
+    def gates_questions(self) -> bool:
+        """The question gate applies (``question_gate`` set, sequence routing)."""
+        return self.question_gate is not None and self.routing == "sequence"
 
     def anchor_dim(self, hidden_size: int) -> int:
         """Dimension of queries and anchors for a base model of width ``hidden_size``."""

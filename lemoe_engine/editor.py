@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import question_gate
 from .augment import prompt_variants
 from .calibration import Calibrated, Calibration
 from .config import LEMoEConfig
@@ -159,6 +160,7 @@ class LifelongEditor:
             raise ConfigError("the model already carries an adaptor with another config: "
                               "continue with LifelongEditor(model, tokenizer) or detach it first")
         self.layer: LEMoELayer = layer
+        question_gate.sync(layer, tokenizer)  # served edits: the gate as the config says
         prompts = list(unrelated_prompts) if unrelated_prompts is not None else bundled_unrelated_prompts()
         if not prompts:
             raise ConfigError("unrelated_prompts is empty: the gate needs prompts the edits must not touch")
@@ -498,6 +500,8 @@ class LifelongEditor:
             self.calibration.vector_cache = None
             self.calibration.progress = False
             self.layer.route_filter = route_filter
+            if route_filter is None or isinstance(route_filter, question_gate.QuestionGate):
+                question_gate.sync(self.layer, self.tokenizer)  # (a new adaptor's gate starts here)
             self.layer._sequence_route = None
         return reports
 

@@ -13,25 +13,26 @@ reuse the gated route. Experts without ledger entries (adaptors made outside the
 never gated. Top-k > 1: the weights of the kept slots are renormalised (a softmax over the kept
 experts, as the anchor gate gives).
 
-A serving-time option, not saved in the adaptor: ``enable(model, tokenizer, threshold)``, or the
-CLI's ``--question-gate``. Not available in vLLM serving. It costs one encoder pass (22M
-parameters) per prompt at prefill.
+On by default: ``LEMoEConfig.question_gate`` (the cosine, saved with the adaptor from format 5
+on; None turns it off) says whether it applies, and the gate itself needs the tokenizer, so it is
+installed wherever one is at hand: ``lemoe_engine.load(model, path, tokenizer=...)`` (without
+one, the tokenizer saved beside the model is used), the editor after each run, vLLM serving, and
+the CLI. ``enable(model, tokenizer, threshold)`` / ``disable(model)`` change it (and the config,
+so a later ``save`` keeps the choice); ``sync(layer, tokenizer)`` installs it as the config says.
+It costs one encoder pass (22M parameters) per prompt at prefill.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from .config import DEFAULT_QUESTION_GATE as DEFAULT_THRESHOLD
 from .errors import ConfigError
+from .layer import LEMoELayer
 from .patching import find_layer
-
-DEFAULT_THRESHOLD = 0.74
-"""Chosen on bundled records 1000-1149 (outside every scored set): the best global threshold there
-keeps 95% of paraphrases and blocks 91% of same-subject questions about another relation; it keeps
-97% of real ZsRE paraphrases (records 0-399)."""
 _SENTINEL = "\u2063lemoe-question\u2063"
 
 
@@ -48,13 +49,12 @@ class QuestionGate:
 
     def expert_questions(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [N, d] of the active edits' prompts and the expert holding each [N]."""
-        from .planner import sentence_features
         active = [(e.prompt, e.expert) for e in layer.ledger
                   if e.status == "active" and e.expert is not None and 0 <= e.expert < layer.num_experts]
         signature = tuple(active)
         if self._questions is None or self._questions[0] != signature:
             prompts = [p for p, _ in active]
-            embeddings = torch.from_numpy(sentence_features(prompts)) if prompts else torch.zeros(0, 1)
+            embeddings = _embed(prompts) if prompts else torch.zeros(0, 1)
             owner = torch.tensor([e for _, e in active], dtype=torch.long)
             self._questions = (signature, embeddings, owner)
         return self._questions[1], self._questions[2]
@@ -71,7 +71,6 @@ class QuestionGate:
         return self.tokenizer.decode(token_ids.tolist(), skip_special_tokens=True).strip()
 
     def __call__(self, layer, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        from .planner import sentence_features
         embeddings, owner = self.expert_questions(layer)
         if not len(owner):
             return ids, weights
@@ -83,7 +82,7 @@ class QuestionGate:
         mask = layer.prompt_mask(x)
         mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool().cpu()
         texts = [self.prompt_text(row[m]) for row, m in zip(tokens, mask)]
-        queries = torch.from_numpy(sentence_features(texts))
+        queries = _embed(texts)
         # per (sequence, expert) the best cosine to any of the expert's questions; experts with
         # no question on record start at +inf (include_self) and so are never gated
         held = torch.zeros(layer.num_experts, dtype=torch.bool)
@@ -97,6 +96,16 @@ class QuestionGate:
         total = kept.sum(dim=1, keepdim=True)
         kept = torch.where(total > 0, kept / total.clamp_min(1e-30), kept)
         return torch.where(keep, ids, torch.full_like(ids, -1)), kept
+
+
+def _embed(texts: list[str]) -> torch.Tensor:
+    from .planner import sentence_features
+    try:
+        return torch.from_numpy(sentence_features(texts))
+    except ConfigError as error:
+        raise ConfigError(f"the question gate needs the sentence encoder: {error}; or turn the gate off "
+                          "(question_gate.disable(model), LEMoEConfig(question_gate=None), "
+                          "--no-question-gate)") from None
 
 
 def _chat_affixes(tokenizer) -> Optional[tuple[str, str]]:
@@ -120,22 +129,49 @@ def _chat_affixes(tokenizer) -> Optional[tuple[str, str]]:
     return before[cut:], after
 
 
-def enable(model: nn.Module, tokenizer, threshold: float = DEFAULT_THRESHOLD) -> QuestionGate:
-    """Turn the question gate on for ``model``'s adaptor (see the module docstring)."""
-    layer = find_layer(model)
+def _layer_of(model_or_layer: Union[nn.Module, LEMoELayer]) -> LEMoELayer:
+    layer = model_or_layer if isinstance(model_or_layer, LEMoELayer) else find_layer(model_or_layer)
     if layer is None:
         raise ConfigError("this model has no LEMoE adaptor attached: attach or load one before the question gate")
+    return layer
+
+
+def enable(model: Union[nn.Module, LEMoELayer], tokenizer, threshold: Optional[float] = None) -> QuestionGate:
+    """Turn the question gate on for ``model``'s adaptor at ``threshold`` (default: the adaptor's
+    own, else ``DEFAULT_THRESHOLD``); the adaptor's config records it, so ``save`` keeps it."""
+    layer = _layer_of(model)
     if layer.config.routing != "sequence":
         raise ConfigError("the question gate checks sequence routes; this adaptor routes tokens")
+    if threshold is None:
+        threshold = layer.config.question_gate if layer.config.question_gate is not None else DEFAULT_THRESHOLD
     gate = QuestionGate(tokenizer, threshold)
+    layer.config = layer.config.replace(question_gate=gate.threshold)
     layer.route_filter = gate
     layer._sequence_route = None
     return gate
 
 
-def disable(model: nn.Module) -> None:
-    """Turn the question gate off (routes are served as the anchors decide)."""
-    layer = find_layer(model)
+def disable(model: Union[nn.Module, LEMoELayer]) -> None:
+    """Turn the question gate off (routes are served as the anchors decide); the adaptor's config
+    records it, so ``save`` keeps it."""
+    layer = model if isinstance(model, LEMoELayer) else find_layer(model)
     if layer is not None:
-        layer.route_filter = None
+        layer.config = layer.config.replace(question_gate=None)
+        if isinstance(layer.route_filter, QuestionGate):
+            layer.route_filter = None
         layer._sequence_route = None
+
+
+def sync(layer: LEMoELayer, tokenizer) -> Optional[QuestionGate]:
+    """Install the gate on ``layer`` as its config says (or remove it); returns it, or None when
+    the config has it off. A filter of another kind is replaced only when the config has the
+    gate on."""
+    if not layer.config.gates_questions:
+        if isinstance(layer.route_filter, QuestionGate):
+            layer.route_filter = None
+        return None
+    current = layer.route_filter
+    if (isinstance(current, QuestionGate) and current.threshold == layer.config.question_gate
+            and current.tokenizer is tokenizer):
+        return current
+    return enable(layer, tokenizer, layer.config.question_gate)

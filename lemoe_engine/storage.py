@@ -38,14 +38,15 @@ from .layer import LEMoELayer
 from .ledger import entries_from_manifest
 from .patching import attach, base_identity, find_layer
 
-FORMAT_VERSION = 4
-"""Version written. 4 added ``config.query_window`` and the tensor ``anchor_window`` (how many
+FORMAT_VERSION = 5
+"""Version written. 5 added ``config.question_gate`` (the question gate's cosine, on by default;
+versions 1-4 load with it off, as they were served). 4 added ``config.query_window`` and the tensor ``anchor_window`` (how many
 prompt tokens each anchor's key pools); versions 1-3 load with ``query_window=1`` and one-token
 keys. 3 added ``config.expert_span`` (experts act from
 their key token on, by default); versions 1-2 load with ``expert_span='prompt'``, the only
 behaviour they knew. 2 added ``revision``, ``manifest_sha256`` and the edit ledger (``edits``);
 version 1 loads with an empty ledger."""
-READABLE_VERSIONS = (1, 2, 3, 4)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 TENSORS_FILE = "adaptor.safetensors"
 MANIFEST_FILE = "adaptor.json"
 ADAPTOR_FILES = (MANIFEST_FILE, TENSORS_FILE)
@@ -377,14 +378,18 @@ def saved_config(manifest: dict) -> Any:
         config = {"expert_span": "prompt", **config}
     if isinstance(config, dict) and version < 4:
         config = {"query_window": 1, **config}
+    if isinstance(config, dict) and version < 5:
+        config = {"question_gate": None, **config}
     return config
 
 
-def load(model: nn.Module, path: PathLike, backend: str = "auto") -> LEMoELayer:
+def load(model: nn.Module, path: PathLike, backend: str = "auto", tokenizer: Any = None) -> LEMoELayer:
     """Attach the adaptor saved in folder ``path`` to ``model`` and return its layer.
 
-    ``backend`` ('auto', 'eager', 'triton') overrides the saved one. Any problem raises
-    AdaptorError before the model is touched.
+    ``backend`` ('auto', 'eager', 'triton') overrides the saved one. ``tokenizer``: the model's,
+    for the question gate when the adaptor has it on (default: the tokenizer saved in the model's
+    folder; without one the gate is off, with a warning). Any problem raises AdaptorError before
+    the model is touched.
     """
     folder = Path(path)
     manifest, tensors = read_adaptor(folder)
@@ -417,4 +422,35 @@ def load(model: nn.Module, path: PathLike, backend: str = "auto") -> LEMoELayer:
     layer.ledger = entries_from_manifest(manifest.get("edits"), layer.num_experts, f"adaptor {folder}")
     layer.adaptor_origin = {"path": str(adaptor_folder(folder)), "revision": manifest.get("revision", 0),
                             "tensors_sha256": manifest.get("tensors_sha256")}
+    if layer.config.gates_questions:
+        install_question_gate(layer, tokenizer or saved_tokenizer(getattr(model, "config", None)), folder)
     return layer
+
+
+def saved_tokenizer(model_config: Any) -> Any:
+    """The tokenizer saved in the folder a model was loaded from, or None (no folder, no files)."""
+    name = getattr(model_config, "_name_or_path", None)
+    if not name or not Path(name).is_dir():
+        return None
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception:  # no tokenizer files there: the caller says what to do
+        return None
+
+
+def install_question_gate(layer: LEMoELayer, tokenizer: Any, folder: PathLike) -> None:
+    """Put the adaptor's question gate on ``layer`` (``question_gate.sync``); without a tokenizer
+    warn that the adaptor is served without it."""
+    from . import question_gate
+    if tokenizer is None:
+        if not any(entry.active for entry in layer.ledger):
+            return  # nothing it could gate (no edit prompts on record); the editor installs it later
+        import warnings
+        warnings.warn(f"lemoe_engine: adaptor {folder} has the question gate on (cosine "
+                      f"{layer.config.question_gate}) but no tokenizer was given or saved beside the model, "
+                      "so it is served without it: every question about an edited subject reaches its "
+                      "expert. Pass load(..., tokenizer=tokenizer), or turn the gate off with "
+                      "lemoe_engine.question_gate.disable(model)", stacklevel=3)
+        return
+    question_gate.sync(layer, tokenizer)

@@ -18,7 +18,9 @@ p.add_argument("--strip-subject", action="store_true"); p.add_argument("--styles
 p.add_argument("--tag", default=""); p.add_argument("--augment", type=int, default=0)
 p.add_argument("--lr", type=float, default=None, help="EditorConfig.learning_rate (default: the config's)")
 p.add_argument("--stop-loss", type=float, default=None, help="EditorConfig.stop_loss (default: the config's)")
-p.add_argument("--question-gate", type=float, default=None, help="serve with the question gate at this cosine")
+p.add_argument("--question-gate", type=float, default=None, help="serve with the question gate at this cosine "
+               "(default: the config's, on)")
+p.add_argument("--no-question-gate", action="store_true", help="serve without the question gate")
 a = p.parse_args()
 edits = load_edits(a.edits, limit=a.limit, skip_invalid=True)
 if a.strip_subject:
@@ -42,10 +44,12 @@ import collections
 print("steps", sorted(collections.Counter(r.steps for r in reports).items()), "loss", [round(r.loss, 3) for r in reports][:20], flush=True)
 out = {"tag": a.tag, "T": len(edits), "negatives": a.negatives, "augment": a.augment, "lr": cfg.learning_rate, "stop_loss": cfg.stop_loss, "experts": editor.layer.num_experts, "edit_s": round(edit_s, 1),
        "misrouted": sum(r.misrouted for r in reports)}
-if a.question_gate is not None:
-    from lemoe_engine import question_gate
+from lemoe_engine import question_gate
+if a.no_question_gate:
+    question_gate.disable(model)
+elif a.question_gate is not None:
     question_gate.enable(model, tok, a.question_gate)
-    out["question_gate"] = a.question_gate
+out["question_gate"] = editor.layer.config.question_gate if editor.layer.route_filter is not None else None
 for s in styles:
     m = evaluate(model, tok, edits, locality_ref=refs[s], mode="teacher_forced" if s == "tf" else "generate",
                  chat=s == "chat", progress=False)

@@ -57,6 +57,7 @@ def main(argv=None) -> int:
                                  if k in ("reliability", "generality", "locality", "specificity") and v is not None}
             print(tag, s, out[f"{tag}_{s}"], flush=True)
 
+    question_gate.disable(model)  # the default since format 5: measured without it first
     measure("served")
     gate = question_gate.enable(model, tokenizer, args.threshold)
     counts = {"routes": 0, "dropped": 0}

@@ -8,7 +8,7 @@ an edit with no such target is left out). Reported, teacher-forced
 edit of B on the unedited model, and A's reliability after A-then-B (A should be gone); each
 teacher-forced and greedy.
 
-    python scripts/measure_reedit.py --limit 20 [--question-gate 0.74]
+    python scripts/measure_reedit.py --limit 20 [--question-gate 0.74 | --no-question-gate]
 """
 import argparse
 import dataclasses
@@ -28,7 +28,9 @@ from lemoe_engine.patching import detach
 torch.set_num_threads(2)
 parser = argparse.ArgumentParser()
 parser.add_argument("--limit", type=int, default=20)
-parser.add_argument("--question-gate", type=float, default=None, help="serve with the question gate at this cosine")
+parser.add_argument("--question-gate", type=float, default=None,
+                    help="serve with the question gate at this cosine (default: the config's, on)")
+parser.add_argument("--no-question-gate", action="store_true", help="serve without the question gate")
 args = parser.parse_args()
 
 model, tok = load_model("smollm2-135m")
@@ -58,8 +60,10 @@ def metrics(edits):
     """Teacher-forced (token accuracy: an old and a new value sharing tokens, "North America" /
     "South America", score partly) and greedy (the answer starts with the value); with
     ``--question-gate``, served through the question gate."""
-    if args.question_gate is not None:
-        from lemoe_engine import question_gate
+    from lemoe_engine import question_gate
+    if args.no_question_gate:
+        question_gate.disable(model)
+    elif args.question_gate is not None:
         question_gate.enable(model, tok, args.question_gate)
     out = {}
     for style, ref, mode in (("tf", reference, None), ("greedy", greedy_reference, "generate")):
@@ -68,13 +72,13 @@ def metrics(edits):
     return out
 
 
-out = {"T": len(first), "question_gate": args.question_gate}
+out = {"T": len(first), "question_gate": None if args.no_question_gate else args.question_gate or "default"}
 t0 = time.time()
 LifelongEditor(model, tok).edit(edits_a, progress=False)
 with tempfile.TemporaryDirectory() as folder:
     save(model, f"{folder}/a")
     detach(model)
-    load(model, f"{folder}/a")
+    load(model, f"{folder}/a", tokenizer=tok)
     LifelongEditor(model, tok).edit(edits_b, progress=False)
 out["a_then_b_s"] = round(time.time() - t0, 1)
 out["b_after_a"] = metrics(edits_b)

@@ -125,7 +125,7 @@ def test_interrupt_keeps_experts_completed_in_plan_order(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         editor.edit(tiny_edits(6, seed=3), batch_size=3, plan="none", save_to=tmp_path / "a", progress=False)
     assert editor.layer.num_experts == 1 and not len(editor.layer.trainable)
-    assert load(llama_for(tok, seed=3), tmp_path / "a").num_experts == 1
+    assert load(llama_for(tok, seed=3), tmp_path / "a", tokenizer=tok).num_experts == 1
 
 
 def test_misrouted_edit_is_left_out_and_reported():

@@ -119,3 +119,35 @@ def test_no_train_eos_flag_reaches_the_editor_config():
     base = ["edit", "--model", "m", "--edits", "e.jsonl", "--out", "o"]
     assert _editor_config(build_parser().parse_args(base))[1].train_eos is True
     assert _editor_config(build_parser().parse_args(base + ["--no-train-eos"]))[1].train_eos is False
+
+
+def test_question_gate_flags_reach_the_config_and_the_saved_adaptor(workspace, capsys):
+    """--question-gate COSINE / --no-question-gate: the new adaptor's config (saved), the default
+    otherwise; on `edit --adaptor` they change the saved adaptor's gate."""
+    from lemoe_engine.cli import _editor_config, build_parser
+    from lemoe_engine.config import DEFAULT_QUESTION_GATE
+    base = ["edit", "--model", "m", "--edits", "e.jsonl", "--out", "o"]
+    gate = lambda *extra: _editor_config(build_parser().parse_args(base + list(extra)))[0].question_gate
+    assert gate() == DEFAULT_QUESTION_GATE and gate("--question-gate", "0.6") == 0.6
+    assert gate("--question-gate") == DEFAULT_QUESTION_GATE and gate("--no-question-gate") is None
+    with pytest.raises(SystemExit):  # one or the other
+        build_parser().parse_args(base + ["--question-gate", "--no-question-gate"])
+
+    adaptor = workspace["root"] / "gated"
+    saved = lambda: json.loads((adaptor / "adaptor.json").read_text())["config"]["question_gate"]
+    code, out, err = run(capsys, "edit", "--model", workspace["model"], "--edits", workspace["edits"],
+                         "--out", str(adaptor), "--layer", "4", "--expert-hidden", "16", "--no-question-gate")
+    assert code == 0 and saved() is None, err
+    more = workspace["root"] / "more_gated.jsonl"
+    save_edits(tiny_edits(1, seed=11), more)
+    code, out, err = run(capsys, "edit", "--model", workspace["model"], "--edits", str(more), "--out",
+                         str(adaptor), "--adaptor", str(adaptor), "--question-gate", "0.8")
+    assert code == 0 and saved() == 0.8, err
+    for flag in (["--no-question-gate"], ["--question-gate", "0.5"], []):
+        code, out, err = run(capsys, "generate", "--model", workspace["model"], "--adaptor", str(adaptor),
+                             "--prompt", "What is the capital city of France?", "--max-new-tokens", "2", *flag)
+        assert code == 0, err
+    assert saved() == 0.8  # serving-time choices leave the saved adaptor alone
+    line = one_line_error(*run(capsys, "generate", "--model", workspace["model"], "--adaptor", str(adaptor),
+                               "--prompt", "Hi", "--question-gate", "1.5")[::2])
+    assert "cosine in [-1, 1]" in line

@@ -253,7 +253,8 @@ def test_version_2_adaptor_loads_with_experts_on_every_token(adaptor, tmp_path):
     old = load(tiny_model("llama", seed=0), copy, backend="eager")
     new = load(tiny_model("llama", seed=0), path, backend="eager")
     assert old.config.expert_span == "prompt" and new.config.expert_span == "key"
-    assert old.config.replace(expert_span="key", query_window=new.config.query_window) == new.config
+    assert old.config.replace(expert_span="key", query_window=new.config.query_window,
+                              question_gate=new.config.question_gate) == new.config
 
 
 def test_version_3_adaptor_loads_with_single_token_queries(adaptor, tmp_path):
@@ -270,4 +271,20 @@ def test_version_3_adaptor_loads_with_single_token_queries(adaptor, tmp_path):
     old = load(tiny_model("llama", seed=0), copy, backend="eager")
     new = load(tiny_model("llama", seed=0), path, backend="eager")
     assert old.config.query_window == 1 and new.config.query_window == 3
-    assert old.config.replace(query_window=3) == new.config
+    assert old.config.replace(query_window=3, question_gate=new.config.question_gate) == new.config
+
+
+def test_version_4_adaptor_loads_with_the_question_gate_off(adaptor, tmp_path):
+    """Format 4 had no ``question_gate``: its adaptors were served without it, and still are;
+    format 5 writes the field (on by default)."""
+    path, _ = adaptor
+    copy = tmp_path / "v4"
+    shutil.copytree(path, copy)
+    body = json.loads((copy / storage.MANIFEST_FILE).read_text())
+    assert body["config"].pop("question_gate") == 0.74
+    body["format_version"] = 4
+    body["manifest_sha256"] = storage._manifest_digest(body)
+    (copy / storage.MANIFEST_FILE).write_text(json.dumps(body))
+    old = load(tiny_model("llama", seed=0), copy, backend="eager")
+    assert old.config.question_gate is None and old.route_filter is None
+    assert old.config.replace(question_gate=0.74) == load(tiny_model("llama", seed=0), path, backend="eager").config

@@ -130,12 +130,12 @@ def test_save_reload_and_continue_editing(tmp_path):
     LifelongEditor(model, tok, CONFIG, FAST, unrelated_prompts=UNRELATED).edit(
         edits[:3], plan="kmeans", batch_size=3, save_to=tmp_path / "a", progress=False)
     fresh = llama_for(tok, seed=2)
-    load(fresh, tmp_path / "a", backend="eager")
+    load(fresh, tmp_path / "a", backend="eager", tokenizer=tok)
     editor = LifelongEditor(fresh, tok, None, FAST, unrelated_prompts=UNRELATED)
     assert editor.layer.num_experts == 1
     editor.edit(edits[3:], plan="kmeans", batch_size=3, save_to=tmp_path / "b", progress=False)
     again = llama_for(tok, seed=2)
-    layer = load(again, tmp_path / "b", backend="eager")
+    layer = load(again, tmp_path / "b", backend="eager", tokenizer=tok)
     assert layer.num_experts == 2 and [e["n_edits"] for e in layer.expert_info] == [3, 3]
     assert all(target_argmax_hits(again, tok, e) for e in edits)
 

@@ -83,7 +83,7 @@ def test_removing_a_middle_expert_renumbers_anchors_and_ledger():
 
 def test_ledger_round_trips_and_lists(tmp_path, capsys):
     model = tiny_model("llama")
-    layer = attach(model, LEMoEConfig(query_source="embedding", layer=1, expert_hidden=16))
+    layer = attach(model, LEMoEConfig(query_source="embedding", layer=1, expert_hidden=16, question_gate=None))
     add_random_experts(layer, 2, torch.Generator().manual_seed(0))
     layer.ledger = active_ledger()
     layer.ledger[2].expert = 1

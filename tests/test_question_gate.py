@@ -111,3 +111,78 @@ def test_bad_uses_are_refused_with_a_message():
     embeds = model.get_input_embeddings()(tok([EDITED], return_tensors="pt").input_ids)
     with pytest.raises(ConfigError, match="input_ids"), torch.no_grad():
         model(inputs_embeds=embeds)
+
+
+def _fresh_copy(tok):
+    """The unedited tiny model ``_edited`` starts from (same seed, so the same base weights)."""
+    model = tiny_model("llama", seed=3, vocab=len(tok), layers=3, hidden=48)
+    model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def test_the_gate_is_saved_with_the_adaptor_and_comes_back_on_load(tmp_path):
+    from lemoe_engine import load, save
+    model, tok, _ = _edited()
+    question_gate.enable(model, tok, 0.7)
+    save(model, tmp_path / "on")
+    question_gate.disable(model)
+    save(model, tmp_path / "off")
+
+    on = _fresh_copy(tok)
+    layer = load(on, tmp_path / "on", tokenizer=tok)
+    assert layer.config.question_gate == 0.7 and isinstance(layer.route_filter, question_gate.QuestionGate)
+    assert layer.route_filter.threshold == 0.7
+    (ids, _), logits = _route_and_logits(on, tok, OTHER_RELATION)
+    with adaptors_disabled(on), torch.no_grad():
+        unedited = on(input_ids=tok([OTHER_RELATION], return_tensors="pt").input_ids).logits
+    assert int(ids[0, 0]) == -1 and torch.equal(logits, unedited)
+    assert int(_route_and_logits(on, tok, EDITED)[0][0][0, 0]) == 0
+
+    off = _fresh_copy(tok)
+    layer = load(off, tmp_path / "off", tokenizer=tok)
+    assert layer.config.question_gate is None and layer.route_filter is None
+    assert int(_route_and_logits(off, tok, OTHER_RELATION)[0][0][0, 0]) == 0, "off: subject routing serves it"
+
+
+def test_loading_a_gated_adaptor_without_a_tokenizer_warns(tmp_path):
+    from lemoe_engine import load, save
+    model, tok, _ = _edited()
+    save(model, tmp_path / "a")  # the config's default gate, 0.74
+    with pytest.warns(UserWarning, match="question gate on .* served without it"):
+        layer = load(_fresh_copy(tok), tmp_path / "a")
+    assert layer.route_filter is None and layer.config.question_gate == 0.74
+
+
+def test_flattened_serving_batches_gate_like_the_hf_path(tmp_path):
+    """RequestRouter (the vLLM path) with the adaptor's gate: a new request's route is kept
+    exactly when the HF path keeps it, from the prompt token ids each request brings."""
+    from lemoe_engine import save
+    from lemoe_engine.layer import RouteContext
+    from lemoe_engine.serving.adaptor import load_adaptor_layer
+    from lemoe_engine.serving.batch import RequestRouter, RequestSlice, RoutingStateError
+    model, tok, _ = _edited()
+    question_gate.enable(model, tok)
+    prompts = {"edited": EDITED, "other": OTHER_RELATION, "paraphrase": PARAPHRASE, "unrelated": UNRELATED}
+    ids = {r: tok(p).input_ids for r, p in prompts.items()}
+    hf = {r: int(_route_and_logits(model, tok, p)[0][0][0, 0]) for r, p in prompts.items()}
+    assert hf == {"edited": 0, "other": -1, "paraphrase": 0, "unrelated": -1}
+    save(model, tmp_path / "a")
+
+    layer = load_adaptor_layer(model.config, tmp_path / "a", backend="eager", tokenizer=tok)
+    assert isinstance(layer.route_filter, question_gate.QuestionGate)
+    router = RequestRouter(layer)
+    with torch.no_grad():  # the query source vectors (input of decoder layer 1), per request
+        vectors = {r: model(input_ids=torch.tensor([i]), output_hidden_states=True).hidden_states[1][0]
+                   for r, i in ids.items()}
+    slices, start = [], 0
+    for r in prompts:
+        slices.append(RequestSlice(r, start, len(ids[r]), 0, len(ids[r]), ids[r]))
+        start += len(ids[r])
+    x = torch.randn(start, model.config.hidden_size)  # the MLP input: not read (query_source="layer1")
+    router.set_plan(slices)
+    router.token_routes(router.plan, x, torch.cat([vectors[r] for r in prompts]))
+    assert {r: int(router.routes[r][0][0]) for r in prompts} == hf
+    layer.set_route_context(RouteContext())
+    router.set_plan([RequestSlice("edited", 0, len(ids["edited"]), 0, len(ids["edited"]))])  # no prompt ids
+    with pytest.raises(RoutingStateError, match="prompt's token ids"):
+        router.token_routes(router.plan, x[:len(ids["edited"])], vectors["edited"])

@@ -42,7 +42,7 @@ def test_a_newer_value_wins_across_save_and_reload(tmp_path):
     experts_before = find_layer(model).num_experts
 
     fresh = llama_for(tok, seed=3)
-    load(fresh, path, backend="eager")
+    load(fresh, path, backend="eager", tokenizer=tok)
     new = fact(CAPITAL.format("Kenya"), "Tokyo", "Kenya", "capital")
     LifelongEditor(fresh, tok, editor_config=FAST, unrelated_prompts=UNRELATED).edit([new], save_to=path)
     assert target_argmax_hits(fresh, tok, new)
@@ -56,7 +56,7 @@ def test_a_newer_value_wins_across_save_and_reload(tmp_path):
     assert sum(e.active for e in ledger.values()) == 3 and find_layer(fresh).num_experts == experts_before
 
     reloaded = llama_for(tok, seed=3)
-    load(reloaded, path)
+    load(reloaded, path, tokenizer=tok)
     assert target_argmax_hits(reloaded, tok, new) and not target_argmax_hits(reloaded, tok, old)
 
 

@@ -66,12 +66,13 @@ class ConfigOnlyModel(nn.Module):
 
 
 def load_adaptor_layer(hf_config: Any, path: Union[str, os.PathLike], device=None,
-                       dtype: torch.dtype = torch.float32, backend: str = "auto") -> LEMoELayer:
+                       dtype: torch.dtype = torch.float32, backend: str = "auto", tokenizer: Any = None) -> LEMoELayer:
     """The adaptor in folder ``path``, checked against a model with config ``hf_config``, as a
-    LEMoELayer on ``device`` (expert weights in ``dtype`` unless the adaptor fixes one).
+    LEMoELayer on ``device`` (expert weights in ``dtype`` unless the adaptor fixes one), with its
+    question gate on when its config says so (``tokenizer``: default, the model folder's).
     Raises AdaptorError (or UnsupportedModelError) exactly where ``lemoe_engine.load`` would."""
     stand_in = ConfigOnlyModel(hf_config, device=device, dtype=dtype)
-    layer = load(stand_in, path, backend=backend)
+    layer = load(stand_in, path, backend=backend, tokenizer=tokenizer)
     detach(stand_in)  # drop the hooks: the engine feeds the layer itself
     layer.eval()
     return layer

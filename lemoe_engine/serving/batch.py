@@ -16,6 +16,8 @@ sequence once, on its whole prompt, and keeps that route for every token it gene
 - the prompt's own rows get the route as the HF prefill gives it per position (with
   ``expert_span='key'``: no expert before the token that matched its key);
 - every later step of that request reuses the kept route; requests that finish are forgotten;
+- with the adaptor's question gate on, a new request's route is kept only when its prompt
+  (``RequestSlice.prompt_ids``) asks one of the expert's edited questions, as on the HF path;
 - the expert FFNs are then applied to all rows at once (the fused kernel on CUDA, the eager
   reference elsewhere), added to the base MLP output.
 
@@ -53,6 +55,9 @@ class RequestSlice:
     """Tokens of the request already in the KV cache before this call (0: prefill from scratch)."""
     prompt_len: int
     """Length of the request's prompt (the tokens its route is decided on)."""
+    prompt_ids: Optional[Sequence[int]] = None
+    """The prompt's token ids, for a request routed in this call (``computed == 0``) when the
+    layer has a route filter that reads them (the question gate); else None."""
 
 
 class RequestRouter:
@@ -169,23 +174,33 @@ class RequestRouter:
         xs = x.new_zeros(batch, length, x.shape[1])
         vs = None if vectors is None else vectors.new_zeros(batch, length, vectors.shape[1])
         mask = torch.zeros(batch, length, dtype=torch.long, device=x.device)
+        token_ids = None
+        if self.layer.route_filter is not None:  # the question gate reads the prompts' tokens
+            missing = [s.req_id for s in fresh if s.prompt_ids is None or len(s.prompt_ids) != s.prompt_len]
+            if missing:
+                raise RoutingStateError(f"requests {missing[:3]} come without their prompt's token ids, which "
+                                        "the adaptor's question gate reads (RequestSlice.prompt_ids)")
+            token_ids = torch.zeros(batch, length, dtype=torch.long)
         for b, s in enumerate(fresh):
             rows = slice(s.start, s.start + s.prompt_len)  # positions 0..prompt_len-1
             xs[b, :s.prompt_len] = x[rows]
             if vs is not None:
                 vs[b, :s.prompt_len] = vectors[rows]
             mask[b, :s.prompt_len] = 1
-        ids, weights = self._route_padded(xs, vs, mask, per_token=False)
+            if token_ids is not None:
+                token_ids[b, :s.prompt_len] = torch.as_tensor(list(s.prompt_ids), dtype=torch.long)
+        ids, weights = self._route_padded(xs, vs, mask, per_token=False, input_ids=token_ids)
         k = ids.shape[1]
         ids, weights = ids.view(batch, length, k), weights.view(batch, length, k)
         return {s.req_id: (ids[b, :s.prompt_len].clone(), weights[b, :s.prompt_len].clone())
                 for b, s in enumerate(fresh)}
 
     def _route_padded(self, xs: torch.Tensor, vs: Optional[torch.Tensor], mask: Optional[torch.Tensor],
-                      per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                      per_token: bool, input_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``LEMoELayer.route`` on a [B, T, d] batch, exactly as the HF path calls it."""
         layer = self.layer
-        layer.set_route_context(RouteContext(attention_mask=mask, embeddings=vs, continuing=False))
+        layer.set_route_context(RouteContext(attention_mask=mask, embeddings=vs, continuing=False,
+                                             input_ids=input_ids))
         try:
             return layer.route(xs, store=False)
         finally:

@@ -86,9 +86,12 @@ def _install_runner_hook() -> None:
             counts = [int(c) for c in num_scheduled_tokens[:num_reqs]]
             computed = batch.num_computed_tokens_cpu[:num_reqs].tolist()
             prompt = batch.num_prompt_tokens[:num_reqs].tolist()
+            wants_ids = any(router.layer.route_filter is not None for router in _ROUTERS)
             slices, start = [], 0
-            for req_id, count, done, prompt_len in zip(batch.req_ids, counts, computed, prompt):
-                slices.append(RequestSlice(req_id, start, count, int(done), int(prompt_len)))
+            for i, (req_id, count, done, prompt_len) in enumerate(zip(batch.req_ids, counts, computed, prompt)):
+                # a new request's prompt tokens, for the question gate
+                ids = batch.token_ids_cpu[i, :prompt_len].tolist() if wants_ids and done == 0 else None
+                slices.append(RequestSlice(req_id, start, count, int(done), int(prompt_len), ids))
                 start += count
             live = self.requests.keys()
             for router in _ROUTERS:
@@ -97,6 +100,18 @@ def _install_runner_hook() -> None:
 
     _prepare_inputs._lemoe_wrapped = True
     GPUModelRunner._prepare_inputs = _prepare_inputs
+
+
+def _tokenizer(name: Optional[str]) -> Any:
+    """The served model's tokenizer (the question gate decodes prompts with it), or None."""
+    if not name:
+        return None
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as error:  # load_adaptor_layer then warns that the gate is off
+        logger.warning("LEMoE: cannot load the tokenizer %s for the question gate (%s)", name, error)
+        return None
 
 
 class LEMoEServingMixin:
@@ -113,7 +128,7 @@ class LEMoEServingMixin:
         backend = getattr(hf_config, BACKEND_KEY, None) or "auto"
         device = torch.get_default_device()
         layer = load_adaptor_layer(hf_config, path, device=device, dtype=vllm_config.model_config.dtype,
-                                   backend=backend)
+                                   backend=backend, tokenizer=_tokenizer(vllm_config.model_config.tokenizer))
         expected = getattr(hf_config, CHECKSUM_KEY, None)
         found = (getattr(layer, "adaptor_origin", None) or {}).get("tensors_sha256")
         if expected and found and expected != found:
@@ -141,8 +156,9 @@ class LEMoEServingMixin:
         mlp.forward = functools.partial(self._lemoe_mlp_forward, mlp.forward)
         _ROUTERS[:] = [self._lemoe_router]  # one served model per worker process
         _install_runner_hook()
-        logger.info("LEMoE adaptor %s: %d experts at layer %d (routing=%s, query_source=%s, backend=%s)",
-                    path, layer.num_experts, target, config.routing, config.query_source, backend)
+        logger.info("LEMoE adaptor %s: %d experts at layer %d (routing=%s, query_source=%s, backend=%s, "
+                    "question gate %s)", path, layer.num_experts, target, config.routing, config.query_source,
+                    backend, "on" if layer.route_filter is not None else "off")
 
     def _lemoe_keep_query_vectors(self, module: nn.Module, args: tuple) -> None:
         # a decoder layer is called as layer(positions, hidden_states, residual)

@@ -50,10 +50,11 @@ def query_vectors(model, ids: torch.Tensor, config: LEMoEConfig) -> torch.Tensor
 
 
 def build(root, config: LEMoEConfig = None, seed: int = 0, architecture: str = "llama",
-          threshold: float = None) -> dict:
+          threshold: float = None, ledger: bool = False) -> dict:
     """Save model + tokenizer to root/model and an adaptor to root/adaptor. Gate thresholds sit
     halfway between an expert's own prompt (cosine 1) and the best other prompt, or at
-    ``threshold``."""
+    ``threshold``. ``ledger``: record each anchored prompt as its expert's edit, so the question
+    gate (on by default) serves an expert only the prompts asking its edit's question."""
     config = config or LEMoEConfig(layer=4, query_source="layer4", expert_hidden=32, top_k=1)
     tok = tiny_tokenizer(False)
     model = tiny_llama(len(tok), seed=seed, architecture=architecture)
@@ -86,6 +87,10 @@ def build(root, config: LEMoEConfig = None, seed: int = 0, architecture: str = "
             for weight in layer.weight_names:
                 stack = getattr(layer, weight)
                 stack[index] = torch.randn(stack.shape[1:], generator=generator) * 0.6
+    if ledger:
+        from lemoe_engine.ledger import LedgerEntry
+        layer.ledger = [LedgerEntry(id=i + 1, prompt=PROMPTS[name][0], target="x", expert=i)
+                        for i, name in enumerate(ANCHORED)]
     adaptor = lemoe_engine.save(model, root / "adaptor")
     lemoe_engine.detach(model)
     model.save_pretrained(root / "model")

@@ -233,3 +233,24 @@ def test_lemoe_serve_end_to_end(edited, tmp_path):
             server.kill()
         log.close()
     assert got == {"france": edited["hf"]["france"], "unrelated": edited["hf"]["unrelated"]}
+
+
+def test_question_gate_equals_hf_path(tmp_path):
+    """With edit prompts in the ledger the adaptor's question gate (on by default) acts: "france_long"
+    reaches expert 0 by its subject but asks something else (MiniLM cosine 0.66 to expert 0's
+    prompt), so both paths drop its route; vLLM gives the HF path's tokens for every prompt."""
+    torch.set_num_threads(1)
+    info = build(tmp_path, ledger=True)
+    hf, routes = hf_greedy(info["model"], info["adaptor"], info["ids"])
+    assert routes == {"france": [0], "japan": [1], "peru": [2], "france_long": [-1], "unrelated": [-1]}
+    base, _ = hf_greedy(info["model"], None, info["ids"])
+    assert hf["france_long"] == base["france_long"] and hf["france"] != base["france"]
+    engine = load_vllm(info["model"], info["adaptor"], **ENGINE)
+    try:
+        names = list(info["ids"])
+        outputs = engine.generate([TokensPrompt(prompt_token_ids=info["ids"][n]) for n in names], GREEDY)
+        got = {name: list(out.outputs[0].token_ids) for name, out in zip(names, outputs)}
+        assert router().layer.route_filter is not None, "the served adaptor's gate is on"
+    finally:
+        release(engine)
+    assert got == hf
