@@ -135,7 +135,7 @@ def layer_table(rows: list[dict], gpu: bool) -> list[str]:
     if gpu:
         header += ["device µs", "device over base µs", "% copy BW", "% matmul"]
     header += ["experts touched", "check (rel err)"]
-    order = {"base": 0, "triton": 1, "eager": 2}
+    order = {"base": 0, "triton": 1, "triton-graph": 2, "eager": 3}
 
     def key(r):
         s = r["shapes"]
@@ -153,6 +153,8 @@ def layer_table(rows: list[dict], gpu: bool) -> list[str]:
         if gpu:
             dev_over = (_us(r["device_us"] - b["device_us"])
                         if (b and r["backend"] != "base" and r.get("device_us") and b.get("device_us")) else "-")
+            if r.get("device_us") and r.get("base_mlp_graph_us"):  # a captured step: over the captured bare MLP
+                dev_over = f"{_us(r['device_us'] - r['base_mlp_graph_us'])} (graphed base {_us(r['base_mlp_graph_us'])})"
             line += [_us(r.get("device_us")), dev_over, _pct(r.get("hbm_fraction")), _pct(r.get("compute_fraction"))]
         line += [str(c.get("experts_touched", "-")), _err(check)]
         out.append(line)

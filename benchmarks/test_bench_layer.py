@@ -119,14 +119,17 @@ def _layer_cases():
                                                id=f"{shape}-{backend}-H{hidden}-E{experts}-k{top_k}-T{tokens}")
 
 
+GRAPH = "triton-graph"  # the triton decode step captured in a CUDA graph and replayed
+
+
 def _step_cases():
     """Decode steps that reuse the route kept at prefill (the serving path): hidden 1024 only."""
     for shape, s in SHAPES.items():
         for experts in s["experts"]:
             for top_k in s["top_k"]:
                 for tokens in (t for t in s["tokens"] if t <= DECODE_MAX):
-                    for backend in ("triton", "eager"):
-                        marks = [gpu] if (s["gpu"] or backend == "triton") else []
+                    for backend in ("triton", "eager", GRAPH):
+                        marks = [gpu] if (s["gpu"] or backend != "eager") else []
                         yield pytest.param(shape, s["hidden"][0], experts, top_k, tokens, backend, marks=marks,
                                            id=f"{shape}-step-{backend}-H{s['hidden'][0]}-E{experts}-k{top_k}-B{tokens}")
 
@@ -290,8 +293,12 @@ STEP_PROMPT = 16  # prompt tokens per sequence routed at the prefill before the 
 def test_layer_decode_step_latency(benchmark, bench_rows, request, shape, hidden, experts, top_k, tokens, backend):
     """One decode step of B sequences (x = [B, 1, d]) that reuses the route kept from their
     prefill, as a model's forward does after the prompt (``RouteContext(continuing=True)``):
-    no routing work, only the expert FFN on top of the base MLP."""
+    no routing work, only the expert FFN on top of the base MLP. ``triton-graph``: the same
+    step captured once in a CUDA graph and replayed (no host work per step: what a serving
+    engine with CUDA graphs pays), beside the bare base MLP captured the same way."""
     s = SHAPES[shape]
+    graphed = backend == GRAPH
+    backend = "triton" if graphed else backend
     layer = _layer(shape, experts, hidden)
     layer.config.top_k = top_k
     layer.config.backend = backend
@@ -307,12 +314,31 @@ def test_layer_decode_step_latency(benchmark, bench_rows, request, shape, hidden
     with torch.inference_mode():
         layer(prompt)  # prefill: routes the sequences and keeps the route
     layer.set_route_context(RouteContext(continuing=True))
+    extra = {}
     try:
+        if graphed:
+            with torch.inference_mode():
+                op()  # warm-up: kernels compile outside the capture
+                graph, out_buffer = torch.cuda.CUDAGraph(), None
+                with torch.cuda.graph(graph):
+                    out_buffer = layer(x)
+                base_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(base_graph):
+                    layer.base_layer(x)
+
+            def op():
+                graph.replay()
+                return out_buffer
         benchmark.group = f"layer {shape} decode step B={tokens}"
-        benchmark.extra_info.update(hidden=hidden, experts=experts, top_k=top_k, backend=backend)
+        benchmark.extra_info.update(hidden=hidden, experts=experts, top_k=top_k,
+                                    backend=GRAPH if graphed else backend)
         out = benchmark(_timed(op))
-        checks, ids = _check_output(layer, x, out, backend, torch.Generator().manual_seed(tokens + top_k), prompt)
+        checks, ids = _check_output(layer, x, out.clone(), backend, torch.Generator().manual_seed(tokens + top_k),
+                                    prompt)
         device_us = benchlib.device_time_us(op) if (CUDA and benchmark.enabled) else None
+        if graphed and device_us is not None:
+            extra["base_mlp_graph_us"] = benchlib.device_time_us(base_graph.replay)
+            extra["graph_vs_base_mlp"] = device_us / extra["base_mlp_graph_us"]
     finally:
         layer.set_route_context(RouteContext())
         layer._sequence_route = None
@@ -325,5 +351,6 @@ def test_layer_decode_step_latency(benchmark, bench_rows, request, shape, hidden
                      **benchlib.config_summary(layer.config))
     shapes["phase"] = "decode step"
     bench_rows.add(benchmark, section="layer", case=f"{shape}-step-H{hidden}-E{experts}-k{top_k}-B{tokens}",
-                   backend=backend, dtype=s["dtype"], shapes=shapes, checks=checks, device_us=device_us,
-                   request=request, extra=benchlib.roofline_fields(nbytes, flops, s["dtype"], device_us))
+                   backend=GRAPH if graphed else backend, dtype=s["dtype"], shapes=shapes, checks=checks,
+                   device_us=device_us, request=request,
+                   extra={**benchlib.roofline_fields(nbytes, flops, s["dtype"], device_us), **extra})

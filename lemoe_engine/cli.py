@@ -147,6 +147,9 @@ def cmd_demo(args) -> int:
     print()
     print(_metrics_table([("before", before), ("after", after)]))
     print(f"\n{len(edits)} edits in {len(reports)} experts, edited in {edit_seconds:.0f} s")
+    gate = editor.layer.config.question_gate if editor.layer.route_filter is not None else None
+    print("question gate: " + (f"on (cosine {gate}): other questions about an edited subject keep their answers"
+                               if gate is not None else "off: every question about an edited subject reaches its expert"))
     print("\nwhat an edit changes and what it should not (greedy answers, before -> after):")
     for edit, old in zip(shown, before_text):
         print(f"  edit: {edit.prompt!r} -> {edit.target!r}")
