@@ -290,8 +290,9 @@ def cmd_compare(args) -> int:
 
 def cmd_serve(args) -> int:
     from .serving import serve
+    gate = question_gate_choice(args)
     return serve(args.model, args.adaptor, port=args.port, host=args.host, backend=args.backend,
-                 extra=args.vllm_args)
+                 extra=args.vllm_args, question_gate=False if gate == GATE_OFF else gate)
 
 
 def skip_invalid_arg(parser: argparse.ArgumentParser) -> None:
@@ -438,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="HTTP port (vLLM's default: 8000)")
     serve.add_argument("--host", default=None, help="interface to listen on (vLLM's default: all)")
     serve.add_argument("--backend", choices=("auto", "eager", "triton"), default="auto")
+    question_gate_arg(serve)
     serve.set_defaults(func=cmd_serve)
     return parser
 

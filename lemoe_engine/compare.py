@@ -75,6 +75,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            plan="kmeans"),
     Method("lemoe-noplan", "lemoe", "LEMoE, batches in arrival order (no planning)", plan="none"),
     Method("lemoe-nogate", "lemoe", "LEMoE without the locality gate", {"gate": False}, plan=DEFAULT_PLAN),
+    Method("lemoe-noqgate", "lemoe", "LEMoE served without the question gate (the default before format 5)",
+           {"question_gate": None}, plan=DEFAULT_PLAN),
     Method("lemoe-token", "lemoe", "LEMoE with token-level routing", {"routing": "token"}, plan=DEFAULT_PLAN),
     Method("lemoe-hidden", "lemoe", "LEMoE, queries from the MLP input", {"query_source": "hidden"},
            plan=DEFAULT_PLAN),

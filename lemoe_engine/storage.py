@@ -422,8 +422,9 @@ def load(model: nn.Module, path: PathLike, backend: str = "auto", tokenizer: Any
     layer.ledger = entries_from_manifest(manifest.get("edits"), layer.num_experts, f"adaptor {folder}")
     layer.adaptor_origin = {"path": str(adaptor_folder(folder)), "revision": manifest.get("revision", 0),
                             "tensors_sha256": manifest.get("tensors_sha256")}
-    if layer.config.gates_questions:
-        install_question_gate(layer, tokenizer or saved_tokenizer(getattr(model, "config", None)), folder)
+    if layer.config.gates_questions:  # warns when it cannot run (no tokenizer, no encoder)
+        from . import question_gate
+        question_gate.sync(layer, tokenizer or saved_tokenizer(getattr(model, "config", None)))
     return layer
 
 
@@ -438,19 +439,3 @@ def saved_tokenizer(model_config: Any) -> Any:
     except Exception:  # no tokenizer files there: the caller says what to do
         return None
 
-
-def install_question_gate(layer: LEMoELayer, tokenizer: Any, folder: PathLike) -> None:
-    """Put the adaptor's question gate on ``layer`` (``question_gate.sync``); without a tokenizer
-    warn that the adaptor is served without it."""
-    from . import question_gate
-    if tokenizer is None:
-        if not any(entry.active for entry in layer.ledger):
-            return  # nothing it could gate (no edit prompts on record); the editor installs it later
-        import warnings
-        warnings.warn(f"lemoe_engine: adaptor {folder} has the question gate on (cosine "
-                      f"{layer.config.question_gate}) but no tokenizer was given or saved beside the model, "
-                      "so it is served without it: every question about an edited subject reaches its "
-                      "expert. Pass load(..., tokenizer=tokenizer), or turn the gate off with "
-                      "lemoe_engine.question_gate.disable(model)", stacklevel=3)
-        return
-    question_gate.sync(layer, tokenizer)

@@ -148,7 +148,7 @@ def test_loading_a_gated_adaptor_without_a_tokenizer_warns(tmp_path):
     from lemoe_engine import load, save
     model, tok, _ = _edited()
     save(model, tmp_path / "a")  # the config's default gate, 0.74
-    with pytest.warns(UserWarning, match="question gate on .* served without it"):
+    with pytest.warns(UserWarning, match="question gate .* is not running: no tokenizer"):
         layer = load(_fresh_copy(tok), tmp_path / "a")
     assert layer.route_filter is None and layer.config.question_gate == 0.74
 
@@ -186,3 +186,34 @@ def test_flattened_serving_batches_gate_like_the_hf_path(tmp_path):
     router.set_plan([RequestSlice("edited", 0, len(ids["edited"]), 0, len(ids["edited"]))])  # no prompt ids
     with pytest.raises(RoutingStateError, match="prompt's token ids"):
         router.token_routes(router.plan, x[:len(ids["edited"])], vectors["edited"])
+
+
+def test_the_leak_probe_counts_the_routes_the_gate_serves():
+    """evaluate()'s leak rates report what is served: a same-subject question the gate drops did
+    not reach an expert (before, the probe read the anchors' route and counted it)."""
+    from lemoe_engine.data import EditRecord
+    from lemoe_engine.evaluation import evaluate
+    model, tok, _ = _edited()
+    edit = EditRecord(prompt=EDITED, target="Lyon", rephrase=PARAPHRASE, loc_prompt=UNRELATED, loc_answer="7",
+                      subject="France", specificity=(OTHER_RELATION,), specificity_ans=("Euro",))
+    question_gate.enable(model, tok)
+    assert evaluate(model, tok, [edit], progress=False).specificity_leak_rate == 0.0
+    question_gate.disable(model)
+    assert evaluate(model, tok, [edit], progress=False).specificity_leak_rate == 1.0
+
+
+def test_the_config_is_the_switch_and_the_editor_keeps_what_it_finds():
+    from lemoe_engine.editor import LifelongEditor
+    model, tok, layer = _edited()
+    question_gate.enable(model, tok)
+    layer.config = layer.config.replace(question_gate=None)  # a stale filter with the gate off does nothing
+    assert int(_route_and_logits(model, tok, OTHER_RELATION)[0][0][0, 0]) == 0
+    question_gate.disable(model)
+    # the adaptor's creation config, gate off now: still "the same config" for the editor
+    editor = LifelongEditor(model, tok, layer.config.replace(question_gate=0.74), unrelated_prompts=[UNRELATED])
+    assert editor.layer.route_filter is None
+    custom = lambda layer_, x, ids, weights: (ids, weights)  # noqa: E731
+    layer.route_filter = custom
+    layer.config = layer.config.replace(question_gate=0.74)
+    LifelongEditor(model, tok, unrelated_prompts=[UNRELATED])
+    assert layer.route_filter is custom, "a route filter of another kind is left in place"

@@ -61,11 +61,16 @@ def register() -> None:
 
 
 def engine_kwargs(model: Union[str, os.PathLike], adaptor: Union[str, os.PathLike], backend: str = "auto",
-                  **llm_kwargs: Any) -> tuple[Path, dict[str, Any]]:
+                  question_gate: Union[None, bool, float] = None, **llm_kwargs: Any) -> tuple[Path, dict[str, Any]]:
     """Check the adaptor against the model and return ``(model_folder, vllm_engine_kwargs)``.
+    ``question_gate``: None = as the adaptor says, False = off, a cosine = on at that cosine.
 
-    Raises AdaptorError / UnsupportedModelError / ConfigError before any engine starts.
+    Raises AdaptorError / UnsupportedModelError / ConfigError before any engine starts (also when
+    the question gate is on but its sentence encoder or the model's tokenizer is missing).
     """
+    import warnings
+
+    from .. import question_gate as gate
     from ..models import resolve_model
     from .adaptor import hf_config_of, load_adaptor_layer
 
@@ -76,7 +81,24 @@ def engine_kwargs(model: Union[str, os.PathLike], adaptor: Union[str, os.PathLik
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(f"{folder}: architecture {arch!r} cannot be served with a LEMoE adaptor; "
                                     f"supported: {', '.join(ARCHITECTURES)}")
-    layer = load_adaptor_layer(hf_config, adaptor, device="cpu", backend="eager")  # every load check
+    if question_gate is True or (question_gate is not None and question_gate is not False
+                                 and not isinstance(question_gate, (int, float))):
+        raise ConfigError(f"question_gate must be None (as saved), False (off) or a cosine, got {question_gate!r}")
+    with warnings.catch_warnings():  # the gate's own problems are raised below, with the fix
+        warnings.simplefilter("ignore")
+        layer = load_adaptor_layer(hf_config, adaptor, device="cpu", backend="eager")  # every load check
+    gated = (layer.config.routing == "sequence" and question_gate is not False
+             and (question_gate is not None or layer.config.question_gate is not None))
+    if gated and gate.has_questions(layer):
+        fix = "or serve without it (load_vllm(..., question_gate=False), `lemoe serve --no-question-gate`)"
+        if not gate.encoder_available():
+            raise ConfigError(f"the adaptor's question gate needs its sentence encoder: {gate.ENCODER_INSTALL}, {fix}")
+        try:
+            from transformers import AutoTokenizer
+            AutoTokenizer.from_pretrained(str(folder), trust_remote_code=bool(llm_kwargs.get("trust_remote_code")))
+        except Exception as error:
+            raise ConfigError(f"the adaptor's question gate decodes prompts with the model's tokenizer, which "
+                              f"cannot be loaded from {folder} ({error}); {fix}") from None
     adaptor_path = str(Path(adaptor).expanduser().resolve())
     checksum = (getattr(layer, "adaptor_origin", None) or {}).get("tensors_sha256")
     for key, required in REQUIRED_SETTINGS.items():
@@ -88,6 +110,8 @@ def engine_kwargs(model: Union[str, os.PathLike], adaptor: Union[str, os.PathLik
     overrides = dict(kwargs.pop("hf_overrides", None) or {})
     overrides.update({"architectures": [ARCHITECTURES[arch]], "lemoe_adaptor": adaptor_path,
                       "lemoe_adaptor_sha256": checksum, "lemoe_backend": backend})
+    if question_gate is not None:  # the worker applies it over the saved setting
+        overrides["lemoe_question_gate"] = "off" if question_gate is False else float(question_gate)
     kwargs["hf_overrides"] = overrides
     if kwargs.get("max_num_batched_tokens") is None:
         # without chunked prefill the whole prompt must fit one step
@@ -97,13 +121,15 @@ def engine_kwargs(model: Union[str, os.PathLike], adaptor: Union[str, os.PathLik
 
 
 def load_vllm(model_path: Union[str, os.PathLike], adaptor_path: Union[str, os.PathLike],
-              backend: str = "auto", **llm_kwargs: Any):
+              backend: str = "auto", question_gate: Union[None, bool, float] = None, **llm_kwargs: Any):
     """A ``vllm.LLM`` serving ``model_path`` (a local Hugging Face folder or a bundled name) edited
-    by the adaptor in ``adaptor_path``. ``llm_kwargs`` go to ``vllm.LLM`` (dtype, max_model_len,
+    by the adaptor in ``adaptor_path``. ``question_gate``: None = as the adaptor says, False =
+    off, a cosine. ``llm_kwargs`` go to ``vllm.LLM`` (dtype, max_model_len,
     tensor_parallel_size, ...). Chunked prefill, prefix caching and torch.compile / CUDA graphs are
     turned off (README 'Serving' says why); asking for them raises ConfigError."""
     vllm = require_vllm()
-    folder, kwargs = engine_kwargs(model_path, adaptor_path, backend=backend, **llm_kwargs)
+    folder, kwargs = engine_kwargs(model_path, adaptor_path, backend=backend, question_gate=question_gate,
+                                   **llm_kwargs)
     register()
     return vllm.LLM(model=str(folder), **kwargs)
 
@@ -118,8 +144,8 @@ def _cli_flag(key: str, value: Any) -> list[str]:
 
 
 def serve_argv(model: Union[str, os.PathLike], adaptor: Union[str, os.PathLike], port: Optional[int] = None,
-               host: Optional[str] = None, backend: str = "auto",
-               extra: Sequence[str] = ()) -> list[str]:
+               host: Optional[str] = None, backend: str = "auto", extra: Sequence[str] = (),
+               question_gate: Union[None, bool, float] = None) -> list[str]:
     """The ``vllm serve`` command line (without the program name) that serves the edited model."""
     import argparse
 
@@ -133,7 +159,8 @@ def serve_argv(model: Union[str, os.PathLike], adaptor: Union[str, os.PathLike],
     sizes.add_argument("--max-model-len", type=int)
     sizes.add_argument("--max-num-batched-tokens", type=int)
     known, _ = sizes.parse_known_args(list(extra))
-    folder, kwargs = engine_kwargs(model, adaptor, backend=backend, max_model_len=known.max_model_len,
+    folder, kwargs = engine_kwargs(model, adaptor, backend=backend, question_gate=question_gate,
+                                   max_model_len=known.max_model_len,
                                    max_num_batched_tokens=known.max_num_batched_tokens)
     for key in ("max_model_len", "max_num_batched_tokens"):  # given in extra: passed on as given
         if getattr(known, key) is not None:
@@ -150,10 +177,12 @@ def serve_argv(model: Union[str, os.PathLike], adaptor: Union[str, os.PathLike],
 
 
 def serve(model: Union[str, os.PathLike], adaptor: Union[str, os.PathLike], port: Optional[int] = None,
-          host: Optional[str] = None, backend: str = "auto", extra: Sequence[str] = ()) -> int:
+          host: Optional[str] = None, backend: str = "auto", extra: Sequence[str] = (),
+          question_gate: Union[None, bool, float] = None) -> int:
     """Run vLLM's OpenAI-compatible server for the edited model (blocks until it stops)."""
     vllm = require_vllm()
-    argv = serve_argv(model, adaptor, port=port, host=host, backend=backend, extra=extra)
+    argv = serve_argv(model, adaptor, port=port, host=host, backend=backend, extra=extra,
+                      question_gate=question_gate)
     register()
     import importlib.metadata as metadata
 

@@ -32,6 +32,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
+from .. import question_gate
 from ..errors import ConfigError
 from .adaptor import load_adaptor_layer
 from .batch import RequestRouter, RequestSlice
@@ -43,6 +44,8 @@ ADAPTOR_KEY = "lemoe_adaptor"
 CHECKSUM_KEY = "lemoe_adaptor_sha256"
 """hf_config attribute holding the adaptor's tensors checksum, checked again at load."""
 BACKEND_KEY = "lemoe_backend"
+QUESTION_GATE_KEY = "lemoe_question_gate"
+"""hf_config attribute: "off" or a cosine chosen at load_vllm / lemoe serve (absent: as saved)."""
 
 _ROUTERS: list[RequestRouter] = []  # the router of the LEMoE model built last in this process
 
@@ -102,15 +105,18 @@ def _install_runner_hook() -> None:
     GPUModelRunner._prepare_inputs = _prepare_inputs
 
 
-def _tokenizer(name: Optional[str]) -> Any:
-    """The served model's tokenizer (the question gate decodes prompts with it), or None."""
-    if not name:
+def _tokenizer(model_config) -> Any:
+    """The served model's tokenizer (the question gate decodes prompts with it), or None
+    (``load_vllm`` / ``lemoe serve`` checked that it loads before the engine started)."""
+    if not model_config.tokenizer:
         return None
     try:
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as error:  # load_adaptor_layer then warns that the gate is off
-        logger.warning("LEMoE: cannot load the tokenizer %s for the question gate (%s)", name, error)
+        return AutoTokenizer.from_pretrained(model_config.tokenizer, revision=model_config.tokenizer_revision,
+                                             trust_remote_code=model_config.trust_remote_code)
+    except Exception as error:  # the gate's sync then warns that it is not running
+        logger.warning("LEMoE: cannot load the tokenizer %s for the question gate (%s)", model_config.tokenizer,
+                       error)
         return None
 
 
@@ -127,8 +133,14 @@ class LEMoEServingMixin:
         check_engine_config(vllm_config)
         backend = getattr(hf_config, BACKEND_KEY, None) or "auto"
         device = torch.get_default_device()
+        tokenizer = _tokenizer(vllm_config.model_config)
         layer = load_adaptor_layer(hf_config, path, device=device, dtype=vllm_config.model_config.dtype,
-                                   backend=backend, tokenizer=_tokenizer(vllm_config.model_config.tokenizer))
+                                   backend=backend, tokenizer=tokenizer)
+        chosen = getattr(hf_config, QUESTION_GATE_KEY, None)  # load_vllm(question_gate=...) over the saved one
+        if chosen == "off":
+            question_gate.disable(layer)
+        elif chosen is not None:
+            question_gate.enable(layer, tokenizer, float(chosen))
         expected = getattr(hf_config, CHECKSUM_KEY, None)
         found = (getattr(layer, "adaptor_origin", None) or {}).get("tensors_sha256")
         if expected and found and expected != found:

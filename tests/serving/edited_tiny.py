@@ -99,13 +99,18 @@ def build(root, config: LEMoEConfig = None, seed: int = 0, architecture: str = "
             "scores": scores}
 
 
-def hf_greedy(model_folder, adaptor=None, prompts=None, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
-    """Greedy new tokens of each prompt (token ids) on the Hugging Face path."""
+def hf_greedy(model_folder, adaptor=None, prompts=None, max_new_tokens: int = MAX_NEW_TOKENS,
+              question_gate: bool = True) -> dict:
+    """Greedy new tokens of each prompt (token ids) on the Hugging Face path (``question_gate``
+    False: the adaptor's gate turned off)."""
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     routes = {}
     if adaptor is not None:
         layer = lemoe_engine.load(model, adaptor, backend="eager")
+        if not question_gate:
+            from lemoe_engine import question_gate as gate
+            gate.disable(model)
     out = {}
     for name, ids in prompts.items():
         x = torch.tensor([ids])

