@@ -235,31 +235,41 @@ def test_lemoe_serve_end_to_end(edited, tmp_path):
     assert got == {"france": edited["hf"]["france"], "unrelated": edited["hf"]["unrelated"]}
 
 
-def test_question_gate_equals_hf_path(tmp_path):
-    """With edit prompts in the ledger the adaptor's question gate (on by default) acts: "france_long"
-    reaches expert 0 by its subject but asks something else (MiniLM cosine 0.66 to expert 0's
-    prompt), so both paths drop its route; vLLM gives the HF path's tokens for every prompt."""
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory):
+    """The fixture adaptor with its anchored prompts in the ledger: the question gate (on by
+    default) acts. "france_long" reaches expert 0 by its subject but asks something else (MiniLM
+    cosine 0.66 to expert 0's prompt)."""
     torch.set_num_threads(1)
-    info = build(tmp_path, ledger=True)
-    hf, routes = hf_greedy(info["model"], info["adaptor"], info["ids"])
-    assert routes == {"france": [0], "japan": [1], "peru": [2], "france_long": [-1], "unrelated": [-1]}
-    base, _ = hf_greedy(info["model"], None, info["ids"])
-    assert hf["france_long"] == base["france_long"] and hf["france"] != base["france"]
-    engine = load_vllm(info["model"], info["adaptor"], **ENGINE)
+    info = build(tmp_path_factory.mktemp("gated"), ledger=True)
+    info["base"], _ = hf_greedy(info["model"], None, info["ids"])
+    return info
+
+
+def _vllm_greedy(info, **kwargs) -> dict:
+    engine = load_vllm(info["model"], info["adaptor"], **kwargs, **ENGINE)
     try:
         names = list(info["ids"])
         outputs = engine.generate([TokensPrompt(prompt_token_ids=info["ids"][n]) for n in names], GREEDY)
-        got = {name: list(out.outputs[0].token_ids) for name, out in zip(names, outputs)}
-        assert router().layer.route_filter is not None, "the served adaptor's gate is on"
+        gate_on = router().layer.route_filter is not None
+        return {name: list(out.outputs[0].token_ids) for name, out in zip(names, outputs)}, gate_on
     finally:
         release(engine)
-    assert got == hf
-    # served with the gate off (load_vllm(question_gate=False)): france_long reaches expert 0 again
-    off, off_routes = hf_greedy(info["model"], info["adaptor"], info["ids"], question_gate=False)
-    assert off_routes["france_long"] == [0] and off["france_long"] != base["france_long"]
-    engine = load_vllm(info["model"], info["adaptor"], question_gate=False, **ENGINE)
-    try:
-        outputs = engine.generate([TokensPrompt(prompt_token_ids=info["ids"][n]) for n in names], GREEDY)
-        assert {name: list(out.outputs[0].token_ids) for name, out in zip(names, outputs)} == off
-    finally:
-        release(engine)
+
+
+def test_question_gate_equals_hf_path(gated):
+    """Both paths drop france_long's route; vLLM gives the HF path's tokens for every prompt."""
+    hf, routes = hf_greedy(gated["model"], gated["adaptor"], gated["ids"])
+    assert routes == {"france": [0], "japan": [1], "peru": [2], "france_long": [-1], "unrelated": [-1]}
+    assert hf["france_long"] == gated["base"]["france_long"] and hf["france"] != gated["base"]["france"]
+    got, gate_on = _vllm_greedy(gated)
+    assert gate_on and got == hf
+
+
+def test_question_gate_off_equals_hf_path(gated):
+    """load_vllm(question_gate=False): france_long reaches expert 0 again, on both paths."""
+    hf, routes = hf_greedy(gated["model"], gated["adaptor"], gated["ids"], question_gate=False)
+    assert routes["france_long"] == [0] and hf["france_long"] != gated["base"]["france_long"]
+    got, gate_on = _vllm_greedy(gated, question_gate=False)
+    assert not gate_on and got == hf
