@@ -237,7 +237,13 @@ def test_lemoe_edit_generate_chat_and_leak_rate(chat_tok):
     assert tf.reliability == 1.0 and greedy.reliability == 1.0   # the edit is what greedy decoding says
     for m in (tf, greedy):
         assert m.leak_rate == 0.0 and m.locality == 1.0          # the unrelated prompt is gated off
-        assert m.specificity_leak_rate == 1.0                     # the same subject reaches the expert
+        # the same subject reaches the expert by its key, and the question gate (on by default) drops it
+        assert m.specificity_leak_rate == 0.0 and m.specificity == 1.0
+    from lemoe_engine import question_gate
+    question_gate.disable(model)
+    assert evaluate(model, chat_tok, [edit], locality_ref=refs["teacher_forced", False],
+                    progress=False).specificity_leak_rate == 1.0
+    question_gate.enable(model, chat_tok)
     chat = evaluate(model, chat_tok, [edit], locality_ref=refs["generate", True], chat=True, progress=False)
     assert chat.chat and chat.leak_rate in (0.0, 1.0) and 0.0 <= chat.reliability <= 1.0
     # served generation (lemoe generate) says what greedy evaluation scored
