@@ -257,34 +257,21 @@ def test_version_2_adaptor_loads_with_experts_on_every_token(adaptor, tmp_path):
                               question_gate=new.config.question_gate) == new.config
 
 
-def test_version_3_adaptor_loads_with_single_token_queries(adaptor, tmp_path):
+@pytest.mark.parametrize("version,field,saved,loaded", [(3, "query_window", 3, 1), (4, "question_gate", 0.74, None)])
+def test_older_adaptors_load_as_they_were_made(adaptor, tmp_path, version, field, saved, loaded):
     """Format 3 had no ``query_window``: its anchors and gates were made from single-token
-    queries, so it loads with ``query_window=1`` and routes as it did; format 4 writes the field."""
+    queries, so it loads with ``query_window=1`` and routes as it did. Format 4 had no
+    ``question_gate``: its adaptors were served without it, and still are. Neither has the gate."""
     path, _ = adaptor
-    copy = tmp_path / "v3"
+    copy = tmp_path / f"v{version}"
     shutil.copytree(path, copy)
     body = json.loads((copy / storage.MANIFEST_FILE).read_text())
-    assert body["config"].pop("query_window") == 3
-    body["format_version"] = 3
+    assert body["config"].pop(field) == saved
+    body["config"].pop("question_gate", None)
+    body["format_version"] = version
     body["manifest_sha256"] = storage._manifest_digest(body)
     (copy / storage.MANIFEST_FILE).write_text(json.dumps(body))
     old = load(tiny_model("llama", seed=0), copy, backend="eager")
     new = load(tiny_model("llama", seed=0), path, backend="eager")
-    assert old.config.query_window == 1 and new.config.query_window == 3
-    assert old.config.replace(query_window=3, question_gate=new.config.question_gate) == new.config
-
-
-def test_version_4_adaptor_loads_with_the_question_gate_off(adaptor, tmp_path):
-    """Format 4 had no ``question_gate``: its adaptors were served without it, and still are;
-    format 5 writes the field (on by default)."""
-    path, _ = adaptor
-    copy = tmp_path / "v4"
-    shutil.copytree(path, copy)
-    body = json.loads((copy / storage.MANIFEST_FILE).read_text())
-    assert body["config"].pop("question_gate") == 0.74
-    body["format_version"] = 4
-    body["manifest_sha256"] = storage._manifest_digest(body)
-    (copy / storage.MANIFEST_FILE).write_text(json.dumps(body))
-    old = load(tiny_model("llama", seed=0), copy, backend="eager")
-    assert old.config.question_gate is None and old.route_filter is None
-    assert old.config.replace(question_gate=0.74) == load(tiny_model("llama", seed=0), path, backend="eager").config
+    assert old.route_filter is None and new.config.question_gate == 0.74
+    assert old.config == new.config.replace(**{field: loaded, "question_gate": None})
