@@ -210,16 +210,9 @@ def _lemoe_reached(layer, x: torch.Tensor) -> torch.Tensor:
     batch, length = x.shape[0], x.shape[1]
     if getattr(layer, "disabled", False) or layer.num_experts == 0:
         return torch.zeros(batch, dtype=torch.bool)
-    # the layer's own routing decision (gate, top-k), without the side effects of ``route`` (which
-    # also stores the sequence route for the decode steps); [B, k] per sequence or [B*T, k] per token
-    route = getattr(layer, "_route", None)
-    if route is None:
-        ids, _ = layer.route(x)
-    else:
-        ids, weights = route(x)
-        served_filter = getattr(layer, "route_filter", None)
-        if served_filter is not None and ids.shape[0] == batch and layer.config.routing == "sequence":
-            ids, _ = served_filter(layer, x, ids, weights)  # e.g. the question gate: as served
+    # the layer's routing decision as served (gate, top-k, question gate), without the side effects
+    # of ``route`` (which also stores the sequence route for the decode steps)
+    ids, _ = layer.served_route(x)
     if ids.shape[0] != batch * length:
         return (ids >= 0).any(dim=-1).reshape(batch).cpu()
     hit = (ids.reshape(batch, length, -1) >= 0).any(dim=-1)

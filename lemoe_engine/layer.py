@@ -310,6 +310,14 @@ class LEMoELayer(nn.Module):
         return routing.anchor_scores(self.config, self.query_encoder, self.anchors, self.token_vectors(x),
                                      self.prompt_mask(x), self.anchor_window, self._anchor_layout()[2])
 
+    def served_route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fresh route as it is served ([B, k] per sequence, [B*T, k] per token): the anchors'
+        decision (``_route``) through the route filter (``question_gate``), no state kept."""
+        ids, weights = self._route(x)
+        if self.route_filter is not None and self.config.routing == "sequence" and self.num_experts:
+            ids, weights = self.route_filter(self, x, ids, weights)
+        return ids, weights
+
     def route(self, x: torch.Tensor, store: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids and weights per token, [B*T, top_k] each.
 
@@ -323,9 +331,7 @@ class LEMoELayer(nn.Module):
         if reuse:  # decode steps: every token comes after the prompt, so after any key
             ids, weights = self._sequence_route
         else:
-            ids, weights = self._route(x)
-            if self.route_filter is not None and self.config.routing == "sequence" and self.num_experts:
-                ids, weights = self.route_filter(self, x, ids, weights)
+            ids, weights = self.served_route(x)
             if self.config.acts_from_key and self.num_experts:
                 starts = self.key_positions(x, ids)
             if self.config.routing == "sequence" and store:

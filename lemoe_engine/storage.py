@@ -424,7 +424,8 @@ def load(model: nn.Module, path: PathLike, backend: str = "auto", tokenizer: Any
                             "tensors_sha256": manifest.get("tensors_sha256")}
     if layer.config.gates_questions:  # warns when it cannot run (no tokenizer, no encoder)
         from . import question_gate
-        question_gate.sync(layer, tokenizer or saved_tokenizer(getattr(model, "config", None)))
+        question_gate.sync(layer, tokenizer if tokenizer is not None else
+                           saved_tokenizer(getattr(model, "config", None)))
     return layer
 
 

@@ -84,21 +84,25 @@ def engine_kwargs(model: Union[str, os.PathLike], adaptor: Union[str, os.PathLik
     if question_gate is True or (question_gate is not None and question_gate is not False
                                  and not isinstance(question_gate, (int, float))):
         raise ConfigError(f"question_gate must be None (as saved), False (off) or a cosine, got {question_gate!r}")
+    try:  # loaded once: the question gate's tokenizer, checked here for the worker
+        from transformers import AutoTokenizer
+        tokenizer, tokenizer_error = AutoTokenizer.from_pretrained(
+            str(folder), trust_remote_code=bool(llm_kwargs.get("trust_remote_code"))), None
+    except Exception as error:
+        tokenizer, tokenizer_error = None, error
     with warnings.catch_warnings():  # the gate's own problems are raised below, with the fix
         warnings.simplefilter("ignore")
-        layer = load_adaptor_layer(hf_config, adaptor, device="cpu", backend="eager")  # every load check
+        layer = load_adaptor_layer(hf_config, adaptor, device="cpu", backend="eager",  # every load check
+                                   tokenizer=tokenizer)
     gated = (layer.config.routing == "sequence" and question_gate is not False
              and (question_gate is not None or layer.config.question_gate is not None))
     if gated and gate.has_questions(layer):
         fix = "or serve without it (load_vllm(..., question_gate=False), `lemoe serve --no-question-gate`)"
         if not gate.encoder_available():
             raise ConfigError(f"the adaptor's question gate needs its sentence encoder: {gate.ENCODER_INSTALL}, {fix}")
-        try:
-            from transformers import AutoTokenizer
-            AutoTokenizer.from_pretrained(str(folder), trust_remote_code=bool(llm_kwargs.get("trust_remote_code")))
-        except Exception as error:
+        if tokenizer is None:
             raise ConfigError(f"the adaptor's question gate decodes prompts with the model's tokenizer, which "
-                              f"cannot be loaded from {folder} ({error}); {fix}") from None
+                              f"cannot be loaded from {folder} ({tokenizer_error}); {fix}")
     adaptor_path = str(Path(adaptor).expanduser().resolve())
     checksum = (getattr(layer, "adaptor_origin", None) or {}).get("tensors_sha256")
     for key, required in REQUIRED_SETTINGS.items():
