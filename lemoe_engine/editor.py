@@ -160,7 +160,8 @@ class LifelongEditor:
         layer = find_layer(model)
         if layer is None:
             layer = attach(model, config or LEMoEConfig())
-        elif config is not None and config.replace(question_gate=layer.config.question_gate) != layer.config:
+        elif config is not None and config.replace(question_gate=layer.config.question_gate,
+                                                   question_gate_margin=layer.config.question_gate_margin) != layer.config:
             raise ConfigError("the model already carries an adaptor with another config: "
                               "continue with LifelongEditor(model, tokenizer) or detach it first")
         self.layer: LEMoELayer = layer

@@ -254,24 +254,28 @@ def test_version_2_adaptor_loads_with_experts_on_every_token(adaptor, tmp_path):
     new = load(tiny_model("llama", seed=0), path, backend="eager")
     assert old.config.expert_span == "prompt" and new.config.expert_span == "key"
     assert old.config.replace(expert_span="key", query_window=new.config.query_window,
-                              question_gate=new.config.question_gate) == new.config
+                              question_gate=new.config.question_gate,
+                              question_gate_margin=new.config.question_gate_margin) == new.config
 
 
-@pytest.mark.parametrize("version,field,saved,loaded", [(3, "query_window", 3, 1), (4, "question_gate", 0.74, None)])
-def test_older_adaptors_load_as_they_were_made(adaptor, tmp_path, version, field, saved, loaded):
+@pytest.mark.parametrize("version,fields,saved,loaded", [
+    (3, ("query_window", "question_gate", "question_gate_margin"), (3, 0.72, -0.07), (1, None, None)),
+    (4, ("question_gate", "question_gate_margin"), (0.72, -0.07), (None, None)),
+    (5, ("question_gate_margin",), (-0.07,), (None,))])
+def test_older_adaptors_load_as_they_were_made(adaptor, tmp_path, version, fields, saved, loaded):
     """Format 3 had no ``query_window``: its anchors and gates were made from single-token
     queries, so it loads with ``query_window=1`` and routes as it did. Format 4 had no
-    ``question_gate``: its adaptors were served without it, and still are. Neither has the gate."""
+    ``question_gate``: its adaptors were served without it, and still are. Format 5 had the gate
+    but no ``question_gate_margin``: it keeps its cosine and is served without the margin."""
     path, _ = adaptor
     copy = tmp_path / f"v{version}"
     shutil.copytree(path, copy)
     body = json.loads((copy / storage.MANIFEST_FILE).read_text())
-    assert body["config"].pop(field) == saved
-    body["config"].pop("question_gate", None)
+    assert tuple(body["config"].pop(field) for field in fields) == saved
     body["format_version"] = version
     body["manifest_sha256"] = storage._manifest_digest(body)
     (copy / storage.MANIFEST_FILE).write_text(json.dumps(body))
     old = load(tiny_model("llama", seed=0), copy, backend="eager")
     new = load(tiny_model("llama", seed=0), path, backend="eager")
-    assert old.route_filter is None and new.config.question_gate == 0.74
-    assert old.config == new.config.replace(**{field: loaded, "question_gate": None})
+    assert new.config.question_gate == 0.72 and new.config.question_gate_margin == -0.07
+    assert old.config == new.config.replace(**dict(zip(fields, loaded)))

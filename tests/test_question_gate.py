@@ -100,6 +100,38 @@ def test_the_user_turn_of_a_chat_prompt_is_the_question():
         torch.tensor(tiny_tokenizer(False)(EDITED).input_ids)) == EDITED
 
 
+def test_the_margin_drops_a_question_closer_to_a_same_subject_negative():
+    """"How many people live in the capital city of France?" is within the cosine of the edited
+    question, but closer to the bank negative "How many people live in France?": the margin
+    drops it, the paraphrase stays served, and without a margin the cosine alone serves both."""
+    model, tok, layer = _edited()
+    layer.ledger[0].subject, layer.ledger[0].relation = "France", "capital"
+    population = "How many people live in the capital city of France?"
+    question_gate.enable(model, tok, 0.72, margin=None)
+    assert layer.config.question_gate_margin is None
+    for prompt in (PARAPHRASE, population):
+        assert int(_route_and_logits(model, tok, prompt)[0][0][0, 0]) == 0, prompt
+    question_gate.enable(model, tok, 0.72, margin=0.0)
+    assert layer.config.question_gate_margin == 0.0
+    assert int(_route_and_logits(model, tok, PARAPHRASE)[0][0][0, 0]) == 0
+    (ids, weights), logits = _route_and_logits(model, tok, population)
+    with adaptors_disabled(model), torch.no_grad():
+        unedited = model(input_ids=tok([population], return_tensors="pt").input_ids).logits
+    assert int(ids[0, 0]) == -1 and torch.equal(logits, unedited)
+    layer.ledger[0].subject = "Spain"  # the negatives follow the ledger: none is about France now
+    assert int(_route_and_logits(model, tok, population)[0][0][0, 0]) == 0
+
+
+def test_without_a_relation_a_negative_worded_like_the_edit_is_no_negative():
+    """An edit with no ``relation`` field: the bank's "How many people live in France?" asks what
+    "What is the population of France?" asks (the gate's cosine says so), so it must not
+    count as a negative, or the margin would drop the edit's own paraphrase."""
+    model, tok, layer = _edited()
+    layer.ledger[0].prompt, layer.ledger[0].subject = "What is the population of France?", "France"
+    question_gate.enable(model, tok, 0.72, margin=0.0)
+    assert int(_route_and_logits(model, tok, "How many people live in France?")[0][0][0, 0]) == 0
+
+
 def test_bad_uses_are_refused_with_a_message():
     tok = tiny_tokenizer(False)
     with pytest.raises(ConfigError, match="no LEMoE adaptor"):
@@ -107,6 +139,8 @@ def test_bad_uses_are_refused_with_a_message():
     model, tok, _ = _edited()
     with pytest.raises(ConfigError, match="cosine in"):
         question_gate.enable(model, tok, 1.5)
+    with pytest.raises(ConfigError, match="question_gate_margin must be"):
+        question_gate.enable(model, tok, 0.7, margin="wide")
     question_gate.enable(model, tok)
     embeds = model.get_input_embeddings()(tok([EDITED], return_tensors="pt").input_ids)
     with pytest.raises(ConfigError, match="input_ids"), torch.no_grad():
@@ -147,10 +181,10 @@ def test_the_gate_is_saved_with_the_adaptor_and_comes_back_on_load(tmp_path):
 def test_loading_a_gated_adaptor_without_a_tokenizer_warns(tmp_path):
     from lemoe_engine import load, save
     model, tok, _ = _edited()
-    save(model, tmp_path / "a")  # the config's default gate, 0.74
+    save(model, tmp_path / "a")  # the config's default gate
     with pytest.warns(UserWarning, match="question gate .* is not running: no tokenizer"):
         layer = load(_fresh_copy(tok), tmp_path / "a")
-    assert layer.route_filter is None and layer.config.question_gate == 0.74
+    assert layer.route_filter is None and layer.config.question_gate == LEMoEConfig().question_gate
 
 
 def test_flattened_serving_batches_gate_like_the_hf_path(tmp_path):
@@ -210,7 +244,8 @@ def test_the_config_is_the_switch_and_the_editor_keeps_what_it_finds():
     assert int(_route_and_logits(model, tok, OTHER_RELATION)[0][0][0, 0]) == 0
     question_gate.disable(model)
     # the adaptor's creation config, gate off now: still "the same config" for the editor
-    editor = LifelongEditor(model, tok, layer.config.replace(question_gate=0.74), unrelated_prompts=[UNRELATED])
+    editor = LifelongEditor(model, tok, layer.config.replace(question_gate=0.74, question_gate_margin=0.1),
+                            unrelated_prompts=[UNRELATED])
     assert editor.layer.route_filter is None
     custom = lambda layer_, x, ids, weights: (ids, weights)  # noqa: E731
     layer.route_filter = custom
