@@ -67,11 +67,8 @@ class QuestionGate:
         return self._questions[1], self._questions[2]
 
     def expert_negatives(self, layer, expert: int) -> torch.Tensor:
-        """Embeddings [M, d] of the expert's negatives: bank questions about its edits' subjects
-        that ask none of their relations (``negatives.negative_prompts``), made once per expert
-        (and again when its ledger entries change). Where an edit names no ``relation``, the bank
-        cannot tell which template asks it, so a negative within the gate's cosine of one of the
-        subject's edit prompts (one the gate would itself take for that edit) is left out."""
+        """Embeddings [M, d] of the expert's negatives (``subject_negatives`` of each subject of
+        its active edits), made once per expert (and again when its ledger entries change)."""
         entries = [e for e in layer.ledger if e.active and e.expert == expert]
         signature = tuple((e.prompt, e.subject, e.relation) for e in entries)
         cached = self._negatives.get(expert)
@@ -81,18 +78,8 @@ class QuestionGate:
                 subject = subject_of(entry)
                 if subject:
                     subjects.setdefault(subject, []).append(entry)
-            parts = []
-            for subject, group in subjects.items():
-                # the edit prompts only: a record's paraphrase is what a user may ask, not a hint
-                prompts = negative_prompts(subject, [e.prompt for e in group], len(TEMPLATES),
-                                           relations=[e.relation for e in group])
-                if not prompts:
-                    continue
-                embedded = _embed(prompts)
-                if not all(e.relation for e in group):
-                    asked = _embed([e.prompt for e in group])
-                    embedded = embedded[(embedded @ asked.T).amax(dim=1) < self.threshold]
-                parts.append(embedded)
+            parts = [subject_negatives(subject, group, self.threshold) for subject, group in subjects.items()]
+            parts = [part for part in parts if len(part)]
             cached = (signature, torch.cat(parts) if parts else torch.zeros(0, 1))
             self._negatives[expert] = cached
         return cached[1]
@@ -164,6 +151,24 @@ def _questions_on_record(layer: LEMoELayer) -> list[tuple[str, int]]:
     """(prompt, expert) of every active edit of the ledger held by an expert of ``layer``."""
     return [(e.prompt, e.expert) for e in layer.ledger
             if e.active and e.expert is not None and 0 <= e.expert < layer.num_experts]
+
+
+def subject_negatives(subject: str, edits, threshold: float) -> torch.Tensor:
+    """Embeddings [M, d] of the negatives of ``edits`` (objects with ``prompt`` and ``relation``,
+    all about ``subject``): bank questions about the subject that ask none of their relations
+    (``negatives.negative_prompts``, built from the edit prompts only: a record's paraphrase is
+    what a user may ask, not a relation hint). Where an edit names no ``relation`` the bank
+    cannot tell which template asks it, so a negative within ``threshold`` (the gate's cosine)
+    of one of the edit prompts, one the gate would itself take for that edit, is left out."""
+    prompts = negative_prompts(subject, [e.prompt for e in edits], len(TEMPLATES),
+                               relations=[e.relation for e in edits])
+    if not prompts:
+        return torch.zeros(0, 1)
+    embedded = _embed(prompts)
+    if not all(e.relation for e in edits):
+        asked = _embed([e.prompt for e in edits])
+        embedded = embedded[(embedded @ asked.T).amax(dim=1) < threshold]
+    return embedded
 
 
 def has_questions(layer: LEMoELayer) -> bool:

@@ -2,9 +2,7 @@
 
 For every subject of an edit file (grouped as the editor groups them: one expert per subject),
 embed its edit prompts, its paraphrases, its scored same-subject other-relation prompts and the
-``negatives`` bank questions the gate would build for it (``QuestionGate.expert_negatives``'s
-rule: templates asking none of the edits' relations; without a ``relation`` field, none within
-the cosine of an edit prompt). Then, for each (cosine, margin) pair, print the fraction of
+negatives the gate builds for it (``question_gate.subject_negatives``). Then, for each (cosine, margin) pair, print the fraction of
 paraphrases the gate keeps and of other-relation prompts it blocks. Only the sentence encoder
 runs (about a minute on one thread).
 
@@ -21,8 +19,9 @@ import numpy as np
 import torch
 
 from lemoe_engine.data import BUNDLED_EDITS, load_edits
-from lemoe_engine.negatives import TEMPLATES, negative_prompts, subject_of
+from lemoe_engine.negatives import subject_of
 from lemoe_engine.planner import sentence_features
+from lemoe_engine.question_gate import subject_negatives
 
 COSINES = (0.70, 0.72, 0.74)
 MARGINS = (None, -0.10, -0.08, -0.07, -0.06, -0.05)
@@ -43,18 +42,13 @@ def main(argv=None) -> int:
     rows = {cut: ([], []) for cut in COSINES}  # per cosine (the no-relation rule uses it): kept, blocked
     for subject, group in groups.items():
         asked = sentence_features([e.prompt for e in group])
-        relations = [getattr(e, "relation", None) for e in group]
-        bank = negative_prompts(subject, [e.prompt for e in group], len(TEMPLATES), relations=relations)
-        bank_vectors = sentence_features(bank) if bank else np.zeros((0, asked.shape[1]), np.float32)
         paraphrases = sentence_features([e.rephrase for e in group])
-        edited = set(relations)
+        edited = {e.relation for e in group}
         others = [p for e in group for p, r in zip(e.specificity, e.specificity_relation or (None,) * len(e.specificity))
                   if r is None or r not in edited]
         other_vectors = sentence_features(others) if others else np.zeros((0, asked.shape[1]), np.float32)
         for cut in COSINES:
-            negatives = bank_vectors
-            if not all(relations) and len(negatives):
-                negatives = negatives[(negatives @ asked.T).max(axis=1) < cut]
+            negatives = subject_negatives(subject, group, cut).numpy()  # the gate's own rule
             for vectors, out in ((paraphrases, rows[cut][0]), (other_vectors, rows[cut][1])):
                 for v in vectors:
                     out.append(((asked @ v).max(), (negatives @ v).max() if len(negatives) else -np.inf))
