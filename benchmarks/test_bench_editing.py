@@ -3,7 +3,7 @@ at a time, measured side by side in one process, with the quality of both runs.
 
 * ``bundled`` (marked ``slow``): the bundled SmolLM2-135M (fp32, CPU), the first T records of
   the bundled edit set (T = ``LEMOE_BENCH_EDITING_T``, default 100), the editor's defaults
-  (plan ``keys``, one expert per routing-key group). The same edits are edited twice from the
+  (plan ``keys``: one expert per edit, the question gate picking among a subject's). The same edits are edited twice from the
   unedited model: ``EditorConfig(block_size=1)`` (one expert at a time, as the editor trained
   before blocks) and the default automatic block. Figures: editing wall time (``edit`` from
   planning to the last frozen expert), edits/s, the ratio, and teacher-forced reliability /

@@ -143,7 +143,8 @@ class Calibration:
         return torch.cat(self.encode([v.mean(dim=0, keepdim=True) for v in vectors]))
 
     def routes(self, prompts: Sequence[str]) -> torch.Tensor:
-        """The expert each prompt routes to now (top-1, -1 = none), exactly as served."""
+        """The expert each prompt routes to now as the anchors decide (top-1, -1 = none): the question
+        gate, when on, then drops the route or picks another expert of the same subject."""
         def capture(layer: LEMoELayer, x: torch.Tensor):
             return layer._route(x)[0][:, 0].cpu()
         return torch.cat(self.run_prompts(prompts, capture))
@@ -290,10 +291,13 @@ class Calibration:
         thresholds = torch.minimum(unrelated_best + margin, own - 1e-6)
         return anchors, thresholds, windows
 
-    def calibrate(self, batches: Sequence[Sequence[EditRecord]]) -> list["Calibrated"]:
+    def calibrate(self, batches: Sequence[Sequence[EditRecord]], by_question: bool = False) -> list["Calibrated"]:
         """Everything decided before training, for every batch of a run: anchors, gate
         thresholds, shared keys, and the route each edit's prompt gets when served among the
-        experts up to its own (the later ones do not exist yet when it would train alone)."""
+        experts up to its own (the later ones do not exist yet when it would train alone).
+        ``by_question`` (top-1): the question gate serves, among the experts keyed on one subject,
+        the one holding the question asked, so a prompt the anchors send to a same-key expert
+        is served by its own, which holds it word for word."""
         layer = self.layer
         first = layer.num_experts
         out: list[Calibrated] = []
@@ -332,6 +336,11 @@ class Calibration:
                                        layer.config.temperature))
         ids = torch.cat([r[0] for r in routes])
         weights = torch.cat([r[1] for r in routes])
+        if by_question and layer.config.top_k == 1:
+            for i in ((ids[:, 0] >= 0) & (ids[:, 0] != own)).nonzero().flatten().tolist():
+                routed, mine = anchors_all[owners == ids[i, 0]], anchors_all[owners == own[i]]
+                if float((mine @ routed.T).max()) >= KEY_GROUP_SIMILARITY:
+                    ids[i, 0] = own[i]
         n = 0
         for c in out:
             c.routes = [(ids[n + i].tolist(), weights[n + i].tolist()) for i in range(len(c.edits))]

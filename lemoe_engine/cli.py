@@ -125,7 +125,7 @@ def cmd_demo(args) -> int:
 
     started = time.perf_counter()
     grouping = (f"batches of {args.batch_size or DEFAULT_BATCH_SIZE}" if args.plan != "keys"
-                else "one expert per routing key")
+                else "one expert per edit, one per routing key without the question gate")
     print(f"lemoe demo: bundled model smollm2-135m, the first {args.limit} bundled edits, "
           f"plan {args.plan} ({grouping})")
     from .storage import check_save_target
@@ -196,7 +196,7 @@ def cmd_edit(args) -> int:
           f"in {time.perf_counter() - started:.0f} s; "
           f"{sum(r.misrouted for r in reports)} edits route to an older expert")
     shared = sum(r.shared_keys for r in reports)
-    if shared:
+    if shared and not editor.layer.config.selects_by_question:  # (with it the gate picks among them)
         print(f"note: {shared} edit(s) share a routing key with an expert of an earlier run (same subject): "
               "their own prompts route to the new expert, their paraphrases may reach the older one; "
               "edit all facts about a subject in one run to give them one expert")
@@ -336,8 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
         from .editor import DEFAULT_BATCH_SIZE, DEFAULT_PLAN
         from .planner import PLANS
         p.add_argument("--plan", choices=PLANS, default=DEFAULT_PLAN,
-                       help="how edits are grouped into experts: keys = one expert per routing key "
-                            "(default), kmeans = the paper's clustered batches, none = arrival order")
+                       help="how edits are grouped into experts: keys = one expert per edit, or per "
+                            "routing key when the question gate is off (default), kmeans = the paper's "
+                            "clustered batches, none = arrival order")
         p.add_argument("--batch-size", type=int, default=None,
                        help=f"edits per expert with --plan kmeans|none (default {DEFAULT_BATCH_SIZE})")
         p.add_argument("--no-train-eos", action="store_true",

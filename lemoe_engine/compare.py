@@ -6,7 +6,7 @@ For every method and every stream length T (lifelong protocol):
 2. the locality reference (the unedited model's argmax on every locality answer) is taken, and
    an evaluation pass of the unedited model gives the pre-edit scores;
 3. the first T edits are planned into batches and edited, batch after batch (LEMoE: through its
-   own editor, by default one expert per routing-key group, ``lemoe-kmeans`` the paper's k-means
+   own editor, by default one expert per edit, ``lemoe-kmeans`` the paper's k-means
    batches of its routing queries; the baselines: ``planner.plan_order`` k-means batches of
    ``batch_size`` on the planner's default sentence features);
 4. reliability / generality / locality / specificity (and the leak rate) are measured over all T
@@ -70,7 +70,8 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("lemoe", "lemoe", "LEMoE, default config: one expert per routing-key group", plan=DEFAULT_PLAN),
+    Method("lemoe", "lemoe", "LEMoE, default config: one expert per edit, picked by the question gate",
+           plan=DEFAULT_PLAN),
     Method("lemoe-kmeans", "lemoe", "LEMoE, the paper's k-means batches (batch_size edits per expert)",
            plan="kmeans"),
     Method("lemoe-noplan", "lemoe", "LEMoE, batches in arrival order (no planning)", plan="none"),
@@ -193,7 +194,8 @@ def _edit_with(method: Method, model, tokenizer, edits, *, batch_size, seed, pro
 
         def unedited():
             return adaptors_disabled(model)
-        plan_name = {"keys": "one expert per group of indistinguishable routing keys",
+        plan_name = {"keys": "one expert per edit (per group of indistinguishable routing keys without the "
+                             "question gate)",
                      "kmeans": "kmeans on LEMoE's routing queries",
                      "none": "arrival order"}[method.plan]
     else:

@@ -1,7 +1,8 @@
 """LifelongEditor: each batch of edits becomes a new expert, trained, frozen and gated.
 
-The planner groups the edits into batches (default: edits whose routing keys the router
-cannot tell apart share one expert; every other edit gets its own). For each batch: every
+The planner groups the edits into batches (default: every edit gets its own expert, and the
+question gate serves, among the experts of one subject, the one holding the question asked;
+with the gate off, edits whose routing keys the router cannot tell apart share one expert). For each batch: every
 edit's key (its subject's last-token query) becomes an anchor of the new expert, and each
 anchor's gate threshold is set from its edit's own score and the scores of unrelated prompts
 (never the scored locality prompts); all of this is decided before any training, from the
@@ -161,7 +162,9 @@ class LifelongEditor:
         if layer is None:
             layer = attach(model, config or LEMoEConfig())
         elif config is not None and config.replace(question_gate=layer.config.question_gate,
-                                                   question_gate_margin=layer.config.question_gate_margin) != layer.config:
+                                                   question_gate_margin=layer.config.question_gate_margin,
+                                                   question_gate_selects=layer.config.question_gate_selects
+                                                   ) != layer.config:
             raise ConfigError("the model already carries an adaptor with another config: "
                               "continue with LifelongEditor(model, tokenizer) or detach it first")
         self.layer: LEMoELayer = layer
@@ -194,7 +197,8 @@ class LifelongEditor:
         return self.calibration.sequence_queries(prompts)
 
     def routes(self, prompts: Sequence[str]) -> torch.Tensor:
-        """The expert each prompt routes to now (top-1, -1 = none), exactly as served."""
+        """The expert each prompt routes to now as the anchors decide (top-1, -1 = none): the question
+        gate, when on, then drops the route or picks another expert of the same subject."""
         return self.calibration.routes(prompts)
 
     # ------------------------------------------------------------- training
@@ -302,8 +306,10 @@ class LifelongEditor:
             return self._edit_batches([edits], progress=False)[0]
 
     def _edit_batches(self, batches: Sequence[Sequence[EditRecord]], *, save_to=None, progress: bool = False,
-                      on_batch: Optional[Callable[[BatchReport], None]] = None) -> list[BatchReport]:
+                      on_batch: Optional[Callable[[BatchReport], None]] = None,
+                      by_question: bool = False) -> list[BatchReport]:
         """Calibrate every batch, train their experts in blocks, commit them in order.
+        ``by_question``: served through a question gate that picks among same-key experts.
 
         On KeyboardInterrupt (or any error) the experts completed in plan order so far are
         kept (and, with ``save_to``, saved); the rest, finished or not, are dropped, so the
@@ -317,7 +323,7 @@ class LifelongEditor:
         try:
             if layer.num_experts == 0 and not layer.query_encoder.center.any():
                 self.calibration.fit_center([e.prompt for batch in batches for e in batch])
-            calibrated = self.calibration.calibrate(batches)
+            calibrated = self.calibration.calibrate(batches, by_question=by_question)
             self._prepare_negatives(calibrated)
             jobs = [self._job(c) for c in calibrated]
         finally:
@@ -377,8 +383,10 @@ class LifelongEditor:
              on_batch: Optional[Callable[[BatchReport], None]] = None) -> list[BatchReport]:
         """Plan ``edits`` into batches, one new expert each, and train them (in blocks).
 
-        ``plan="keys"`` (default): one expert per group of edits whose routing keys coincide
-        (``planner.key_groups``); ``batch_size`` must then be None. ``plan="kmeans"`` (the
+        ``plan="keys"`` (default): one expert per edit when the adaptor is served through the
+        question gate with ``LEMoEConfig.question_gate_selects`` (the default), else one expert
+        per group of edits whose routing keys coincide (``planner.key_groups``); ``batch_size``
+        must then be None. ``plan="kmeans"`` (the
         paper's clustering) or ``"none"`` (arrival order): batches of ``batch_size`` edits
         (default ``DEFAULT_BATCH_SIZE``). ``on_batch`` gets each expert's report in plan order.
 
@@ -477,12 +485,15 @@ class LifelongEditor:
         # and checked as the anchors decide them
         route_filter, self.layer.route_filter = self.layer.route_filter, None
         try:
-            features = None
-            if plan in ("keys", "kmeans"):
-                features = self.plan_features(edits)
-            if plan != "keys" and batch_size is None:
-                batch_size = DEFAULT_BATCH_SIZE
-            batches = plan_order(edits, batch_size=batch_size, plan=plan, seed=seed, features=features)
+            by_question = self._served_by_question(route_filter)
+            if plan == "keys" and by_question:
+                # the gate tells a subject's facts apart where its shared key cannot: an expert each
+                batches = [[i] for i in range(len(edits))]
+            else:
+                features = self.plan_features(edits) if plan in ("keys", "kmeans") else None
+                if plan != "keys" and batch_size is None:
+                    batch_size = DEFAULT_BATCH_SIZE
+                batches = plan_order(edits, batch_size=batch_size, plan=plan, seed=seed, features=features)
             reports: list[BatchReport] = []
 
             def record(report: BatchReport) -> None:  # ledger entries follow their expert as it lands
@@ -494,7 +505,7 @@ class LifelongEditor:
 
             try:
                 self._edit_batches([[edits[i] for i in batch] for batch in batches], save_to=None,
-                                   progress=progress, on_batch=record)
+                                   progress=progress, on_batch=record, by_question=by_question)
             except BaseException:
                 # completed experts stay (and are saved): so do their ledger entries, saved or not
                 self.layer.ledger.extend(e for e in run.added if e.expert is not None)
@@ -508,6 +519,11 @@ class LifelongEditor:
             question_gate.sync(self.layer, self.tokenizer)  # (a new adaptor's gate starts here)
             self.layer._sequence_route = None
         return reports
+
+    def _served_by_question(self, route_filter) -> bool:
+        """Whether the adaptor is served through a question gate that picks among same-key experts
+        (``LEMoEConfig.question_gate_selects``): then every edit gets its own expert."""
+        return isinstance(route_filter, question_gate.QuestionGate) and self.layer.config.selects_by_question
 
     def plan_features(self, edits: Sequence[EditRecord]):
         """What the planner groups edits by: the vectors that will route them (their keys, or

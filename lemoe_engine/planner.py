@@ -9,6 +9,8 @@ the router cannot tell apart (average-linkage clustering of the keys at cosine s
 ``KEY_GROUP_SIMILARITY``): such edits must share an expert or their paraphrases misroute, and
 any other edit gets an expert of its own, which then needs to tell nothing apart and so
 generalises to paraphrases far better than an expert shared by a batch (README, results).
+When the question gate picks among same-key experts (``LEMoEConfig.question_gate_selects``, the
+default) the editor skips this grouping: every edit gets its own expert.
 """
 
 from __future__ import annotations

@@ -14,7 +14,12 @@ not be more than ``-margin`` closer to one of the expert's *negatives* (bank que
 same subject's other relations, ``negatives.negative_prompts``) than to its edits: a question
 about another relation that is worded like an edit is caught by the negative it resembles
 more (held out: paraphrases kept 0.960 -> 0.971, same-subject questions blocked 0.929 -> 0.972,
-with the cosine 0.74 -> 0.72; README, *Question gate*). Decode steps
+with the cosine 0.74 -> 0.72; README, *Question gate*). With
+``LEMoEConfig.question_gate_selects`` (default, from format 7 on; top-1) the gate first picks,
+among the experts keyed on the routed expert's subject (``siblings``: anchors within
+``planner.KEY_GROUP_SIMILARITY``), the one holding the edit prompt most like the question, and
+checks that one: the anchors cannot tell two facts of one subject apart, the encoder can, so the
+editor gives every edit its own expert. Decode steps
 reuse the gated route. Experts without ledger entries (adaptors made outside the editor) are
 never gated. Top-k > 1: the weights of the kept slots are renormalised (a softmax over the kept
 experts, as the anchor gate gives).
@@ -33,6 +38,7 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import DEFAULT_QUESTION_GATE as DEFAULT_THRESHOLD
@@ -53,6 +59,7 @@ class QuestionGate:
         self.threshold = float(threshold)
         self._questions: Optional[tuple] = None  # (ledger signature, embeddings [N, d], owner [N])
         self._negatives: dict[int, tuple] = {}  # expert -> (its ledger signature, embeddings [M, d])
+        self._siblings: tuple = (None, {})  # (anchor table signature, expert -> same-key experts)
         self._chat = _chat_affixes(tokenizer)
 
     def expert_questions(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +90,17 @@ class QuestionGate:
             cached = (signature, torch.cat(parts) if parts else torch.zeros(0, 1))
             self._negatives[expert] = cached
         return cached[1]
+
+    def siblings(self, layer, expert: int) -> torch.Tensor:
+        """``same_key_experts(layer, expert)``, cached until the anchor table changes."""
+        anchors = layer.anchors
+        signature = (anchors.data_ptr(), anchors._version, tuple(anchors.shape), layer.num_experts)
+        if self._siblings[0] != signature:
+            self._siblings = (signature, {})
+        found = self._siblings[1]
+        if expert not in found:
+            found[expert] = same_key_experts(layer, expert)
+        return found[expert]
 
     def prompt_text(self, token_ids: torch.Tensor) -> str:
         """The question a prompt asks: its tokens decoded, the chat template's user turn if the
@@ -117,6 +135,13 @@ class QuestionGate:
         start = torch.where(held, float("-inf"), float("inf")).expand(len(texts), -1)
         per_expert = start.scatter_reduce(1, owner[None].expand(len(texts), -1), queries @ embeddings.T,
                                           "amax").to(ids.device)
+        if layer.config.selects_by_question:  # the expert of the subject holding the question asked
+            ids = ids.clone()
+            for b in (ids[:, 0] >= 0).nonzero().flatten().tolist():
+                candidates = self.siblings(layer, int(ids[b, 0]))
+                candidates = candidates[held[candidates]]
+                if len(candidates) > 1 and held[int(ids[b, 0])]:
+                    ids[b, 0] = int(candidates[per_expert[b, candidates.to(per_expert.device)].argmax()])
         slot = ids.long().clamp_min(0)
         best = per_expert.gather(1, slot)
         keep = (ids >= 0) & (best >= self.threshold)
@@ -239,11 +264,41 @@ def enable(model: Union[nn.Module, LEMoELayer], tokenizer, threshold: Optional[f
     return gate
 
 
+def same_key_experts(layer: LEMoELayer, expert: int) -> torch.Tensor:
+    """The experts keyed on ``expert``'s subject, itself included: those with an anchor within
+    ``planner.KEY_GROUP_SIMILARITY`` of one of its anchors (int64, on the CPU)."""
+    from .planner import KEY_GROUP_SIMILARITY
+    unit = F.normalize(layer.anchors.detach().float(), dim=-1)
+    owner = layer.anchor_expert.long()
+    close = (unit[owner == expert] @ unit.T).amax(dim=0) >= KEY_GROUP_SIMILARITY
+    return torch.unique(owner[close]).cpu()
+
+
+def experts_sharing_keys(layer: LEMoELayer) -> int:
+    """How many experts hold edit prompts and share their subject key with another such expert:
+    without the gate to pick among them, the anchors serve one of each group for every question
+    about its subject."""
+    held = torch.zeros(layer.num_experts, dtype=torch.bool)
+    for _, expert in _questions_on_record(layer):
+        held[expert] = True
+    return sum(int(held[same_key_experts(layer, e)].sum()) > 1 for e in held.nonzero().flatten().tolist())
+
+
 def disable(model: Union[nn.Module, LEMoELayer]) -> None:
     """Turn the question gate off (routes are served as the anchors decide); the adaptor's config
-    records it, so ``save`` keeps it."""
+    records it, so ``save`` keeps it. Warns when experts share a subject key (made for the gate
+    to pick among: ``LEMoEConfig.question_gate_selects``)."""
     layer = _layer_of(model, required=False)
     if layer is not None:
+        if layer.config.selects_by_question:
+            shared = experts_sharing_keys(layer)
+            if shared:
+                import warnings
+                warnings.warn(f"lemoe_engine: {shared} experts share their subject key with another (one expert "
+                              f"per edit, for the question gate to pick among); without the gate the anchors "
+                              f"serve one of each group for every question about its subject, so the other "
+                              f"edits of that subject are not served. Re-enable it with "
+                              f"question_gate.enable(model, tokenizer)", stacklevel=2)
         layer.config = layer.config.replace(question_gate=None)
         if isinstance(layer.route_filter, QuestionGate):
             layer.route_filter = None
@@ -271,8 +326,11 @@ def sync(layer: LEMoELayer, tokenizer) -> Optional[QuestionGate]:
         layer.route_filter = None
         if has_questions(layer):
             import warnings
+            shared = experts_sharing_keys(layer) if layer.config.selects_by_question else 0
+            also = (f"; {shared} experts share a subject key and only one of each group is served"
+                    if shared else "")
             warnings.warn(f"lemoe_engine: the adaptor's question gate (cosine {layer.config.question_gate}) is "
-                          f"not running: {problem}; every question about an edited subject reaches its expert. "
-                          f"To serve without it on purpose: {TURN_OFF}", stacklevel=3)
+                          f"not running: {problem}; every question about an edited subject reaches its expert"
+                          f"{also}. To serve without it on purpose: {TURN_OFF}", stacklevel=3)
         return None
     return enable(layer, tokenizer, layer.config.question_gate)

@@ -23,6 +23,8 @@ p.add_argument("--question-gate", type=float, default=None, help="serve with the
 p.add_argument("--no-question-gate", action="store_true", help="serve without the question gate")
 p.add_argument("--layer", type=int, default=None, help="LEMoEConfig.layer (default: the config's)")
 p.add_argument("--train-dtype", default=None, help="EditorConfig.train_dtype (default: the config's)")
+p.add_argument("--no-select", action="store_true", help="LEMoEConfig.question_gate_selects=False: one expert "
+               "per subject, the gate checks the anchors' choice")
 a = p.parse_args()
 edits = load_edits(a.edits, limit=a.limit, skip_invalid=True)
 if a.strip_subject:
@@ -40,13 +42,14 @@ cfg = EditorConfig(negatives=a.negatives, train_chat=not a.no_chat, augment=a.au
                    **({} if a.stop_loss is None else {"stop_loss": a.stop_loss}),
                    **({} if a.train_dtype is None else {"train_dtype": a.train_dtype}))
 from lemoe_engine.config import LEMoEConfig
-editor = LifelongEditor(model, tok, None if a.layer is None else LEMoEConfig(layer=a.layer), editor_config=cfg)
+layer_cfg = {**({} if a.layer is None else {"layer": a.layer}), **({"question_gate_selects": False} if a.no_select else {})}
+editor = LifelongEditor(model, tok, LEMoEConfig(**layer_cfg) if layer_cfg else None, editor_config=cfg)
 t0 = time.time()
 reports = editor.edit(edits, progress=False)
 edit_s = time.time() - t0
 import collections
 print("steps", sorted(collections.Counter(r.steps for r in reports).items()), "loss", [round(r.loss, 3) for r in reports][:20], flush=True)
-out = {"tag": a.tag, "layer": a.layer, "T": len(edits), "negatives": a.negatives, "augment": a.augment, "lr": cfg.learning_rate, "stop_loss": cfg.stop_loss, "experts": editor.layer.num_experts, "edit_s": round(edit_s, 1),
+out = {"tag": a.tag, "layer": a.layer, "selects": editor.layer.config.question_gate_selects, "T": len(edits), "negatives": a.negatives, "augment": a.augment, "lr": cfg.learning_rate, "stop_loss": cfg.stop_loss, "experts": editor.layer.num_experts, "edit_s": round(edit_s, 1),
        "misrouted": sum(r.misrouted for r in reports)}
 from lemoe_engine import question_gate
 if a.no_question_gate:

@@ -14,7 +14,7 @@ Neither ``t`` nor ``m`` may be tuned on the scored records: the defaults (0.72, 
 on bundled records 1000-1627, outside every scored set (README, *Question gate*).
 
     python scripts/measure_question_gate.py --limit 100 [--edits FILE] [--save DIR | --adaptor DIR]
-        [--settings off,0.74,0.72:-0.07] [--styles tf,gen]
+        [--settings off,0.74,0.72:-0.07] [--styles tf,gen] [--no-select]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from lemoe_engine import load, question_gate, save
+from lemoe_engine import LEMoEConfig, load, question_gate, save
 from lemoe_engine.data import BUNDLED_EDITS, load_edits
 from lemoe_engine.editor import LifelongEditor
 from lemoe_engine.evaluation import evaluate, unedited_reference
@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--adaptor", default=None, help="evaluate this saved adaptor instead of editing")
     parser.add_argument("--save", default=None, help="save the edited adaptor here")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-select", action="store_true",
+                        help="LEMoEConfig.question_gate_selects=False: one expert per subject, the gate "
+                             "checks the anchors' choice")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -51,9 +54,11 @@ def main(argv=None) -> int:
     out: dict = {"T": len(edits)}
     if args.adaptor:
         layer = load(model, args.adaptor, tokenizer=tokenizer)
+        if args.no_select:
+            layer.config = layer.config.replace(question_gate_selects=False)
         out["adaptor"] = args.adaptor
     else:
-        editor = LifelongEditor(model, tokenizer)
+        editor = LifelongEditor(model, tokenizer, LEMoEConfig(question_gate_selects=False) if args.no_select else None)
         start = time.time()
         editor.edit(edits, progress=False)
         out["edit_s"] = round(time.time() - start, 1)
@@ -61,6 +66,7 @@ def main(argv=None) -> int:
         if args.save:
             save(model, args.save)
     out["experts"] = layer.num_experts
+    out["selects"] = layer.config.question_gate_selects
 
     for setting in args.settings.split(","):
         if setting == "off":

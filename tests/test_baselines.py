@@ -274,8 +274,8 @@ def test_run_comparison_end_to_end(tok, tmp_path):
         if row["status"] == "ok":
             assert {"edit_seconds", "seconds_per_edit", "steps", "batches", "inference"} <= set(row)
             assert row["inference"]["overhead"] > 0
-            if row["method"] == "lemoe":  # one expert per routing-key group
-                assert 1 <= row["batches"] <= row["T"] and row["plan"].startswith("one expert per group")
+            if row["method"] == "lemoe":  # one expert per edit (per routing-key group without the gate)
+                assert 1 <= row["batches"] <= row["T"] and row["plan"].startswith("one expert per edit")
             else:  # batches of batch_size
                 assert row["batches"] == -(-row["T"] // 2)
             assert 0 <= row["reliability"] <= 1 and row["average"] == pytest.approx(

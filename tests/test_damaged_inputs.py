@@ -255,18 +255,22 @@ def test_version_2_adaptor_loads_with_experts_on_every_token(adaptor, tmp_path):
     assert old.config.expert_span == "prompt" and new.config.expert_span == "key"
     assert old.config.replace(expert_span="key", query_window=new.config.query_window,
                               question_gate=new.config.question_gate,
-                              question_gate_margin=new.config.question_gate_margin) == new.config
+                              question_gate_margin=new.config.question_gate_margin,
+                              question_gate_selects=new.config.question_gate_selects) == new.config
 
 
 @pytest.mark.parametrize("version,fields,saved,loaded", [
-    (3, ("query_window", "question_gate", "question_gate_margin"), (3, 0.72, -0.07), (1, None, None)),
-    (4, ("question_gate", "question_gate_margin"), (0.72, -0.07), (None, None)),
-    (5, ("question_gate_margin",), (-0.07,), (None,))])
+    (3, ("query_window", "question_gate", "question_gate_margin", "question_gate_selects"), (3, 0.72, -0.07, True),
+     (1, None, None, False)),
+    (4, ("question_gate", "question_gate_margin", "question_gate_selects"), (0.72, -0.07, True), (None, None, False)),
+    (5, ("question_gate_margin", "question_gate_selects"), (-0.07, True), (None, False)),
+    (6, ("question_gate_selects",), (True,), (False,))])
 def test_older_adaptors_load_as_they_were_made(adaptor, tmp_path, version, fields, saved, loaded):
     """Format 3 had no ``query_window``: its anchors and gates were made from single-token
     queries, so it loads with ``query_window=1`` and routes as it did. Format 4 had no
     ``question_gate``: its adaptors were served without it, and still are. Format 5 had the gate
-    but no ``question_gate_margin``: it keeps its cosine and is served without the margin."""
+    but no ``question_gate_margin``: it keeps its cosine and is served without the margin. Format
+    6 had no ``question_gate_selects``: its gate checks the expert the anchors chose, as it did."""
     path, _ = adaptor
     copy = tmp_path / f"v{version}"
     shutil.copytree(path, copy)

@@ -160,12 +160,27 @@ def test_mean_pooling_editor_and_argument_errors():
         LifelongEditor(llama_for(tok), tok, CONFIG, FAST, unrelated_prompts=[])
 
 
-def test_default_plan_gives_edits_with_one_key_one_expert():
+def served_experts(model, tok, prompts):
+    """The expert each prompt is served by (top-1, -1 = none), through the question gate."""
+    layer = find_layer(model)
+    served = []
+    for prompt in prompts:
+        with torch.no_grad():
+            model(input_ids=tok([prompt], return_tensors="pt").input_ids)
+        served.append(int(layer._sequence_route[0][0, 0]))
+    return served
+
+
+@pytest.mark.parametrize("selects", [False, True])
+def test_default_plan_gives_edits_with_one_key_one_expert(selects):
+    """Token-embedding queries: an edit's key is its subject's last-token embedding, so edits
+    about the same country have identical keys. Without ``question_gate_selects`` they must share
+    an expert (the anchors cannot tell them apart); with it every edit gets its own expert and the
+    question gate serves each prompt the expert holding it. The other edits get their own."""
     tok = tiny_tokenizer(False)
     model = llama_for(tok, seed=5)
-    # token-embedding queries: an edit's key is its subject's last-token embedding, so edits
-    # about the same country have identical keys and must share an expert; the others get their own
-    config = LEMoEConfig(layer=2, query_source="embedding", expert_hidden=64, gate_margin=0.02)
+    config = LEMoEConfig(layer=2, query_source="embedding", expert_hidden=64, gate_margin=0.02,
+                         question_gate_selects=selects)
     countries = random.Random(5).sample(COUNTRIES, 3)
     relations = [("What is the capital city of {}?", CITIES[0]), ("Which city is the capital of {}?", CITIES[1]),
                  ("Which language is spoken in {}?", CITIES[2]), ("Name the capital of {}.", CITIES[3])]
@@ -177,9 +192,15 @@ def test_default_plan_gives_edits_with_one_key_one_expert():
     with pytest.raises(ConfigError, match="sizes experts by itself"):
         editor.edit(edits, batch_size=2, progress=False)
     reports = editor.edit(edits, progress=False)
-    assert [r.n_edits for r in reports] == [2, 1, 1]
-    assert editor.routes([e.prompt for e in edits]).tolist() == [0, 1, 0, 2]
-    assert [r.shared_keys for r in reports] == [0, 0, 0]
+    assert editor.routes([e.prompt for e in edits]).tolist() == [0, 1, 0, 2 + selects]  # the anchors' choice
+    if selects:
+        assert [r.n_edits for r in reports] == [1, 1, 1, 1]
+        assert served_experts(model, tok, [e.prompt for e in edits]) == [0, 1, 2, 3]
+    else:
+        assert [r.n_edits for r in reports] == [2, 1, 1]
+        assert served_experts(model, tok, [e.prompt for e in edits]) == [0, 1, 0, 2]
+    assert all(target_argmax_hits(model, tok, e) for e in edits)
+    assert [r.shared_keys for r in reports] == [0, 0, int(selects)] + [0] * selects
     # a later call about an already edited subject is told so; a new subject is not
     later = [EditRecord(prompt=f"Which currency is used in {c}?", target=CITIES[4], rephrase=f"Currency of {c}?",
                         loc_prompt="What is 1 plus 1?", loc_answer="2", subject=c)

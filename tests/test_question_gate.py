@@ -86,6 +86,46 @@ def test_top2_keeps_the_matching_expert_with_the_whole_weight():
     assert float(weights[0][ids[0] == -1]) == 0.0
 
 
+@pytest.mark.parametrize("selects", [True, False])
+def test_among_experts_of_one_subject_the_gate_serves_the_one_holding_the_question(selects):
+    """Two experts keyed on one subject (the same anchor: the anchors cannot tell their facts
+    apart, so they send both questions to the same one, whichever it is). With
+    ``question_gate_selects`` the gate serves each question the expert holding it; without it, the
+    anchors' choice is checked and the question held by the other expert is dropped."""
+    model, tok, layer = _edited(experts=2)
+    layer.ledger[1].prompt = OTHER_RELATION
+    layer.set_anchor(1, layer.anchors[0].clone())
+    layer.config = layer.config.replace(question_gate_selects=selects)
+    question_gate.enable(model, tok)
+    holders = {EDITED: 0, PARAPHRASE: 0, OTHER_RELATION: 1}
+    chosen = {prompt: int(layer._route(_query_input(model, tok, prompt))[0][0, 0]) for prompt in holders}
+    assert any(chosen[p] != holder for p, holder in holders.items()), "the anchors cannot pick both holders"
+    for prompt, holder in holders.items():
+        served = int(_route_and_logits(model, tok, prompt)[0][0][0, 0])
+        assert served == (holder if selects or chosen[prompt] == holder else -1), prompt
+    assert int(_route_and_logits(model, tok, UNRELATED)[0][0][0, 0]) == -1
+    assert question_gate.experts_sharing_keys(layer) == 2
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        question_gate.disable(model)  # turning the gate off leaves one of them served: say so
+    assert [str(w.message) for w in caught if "share their subject key" in str(w.message)] == (
+        [next(str(w.message) for w in caught)] if selects else [])
+
+
+def _query_input(model, tok, prompt):
+    """The target layer's input for ``prompt`` (the layer's route context set as in a forward)."""
+    from lemoe_engine import find_layer
+    layer, captured = find_layer(model), {}
+    hook = layer.register_forward_pre_hook(lambda module, args: captured.setdefault("x", args[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids=tok([prompt], return_tensors="pt").input_ids)
+    finally:
+        hook.remove()
+    return captured["x"]
+
+
 def test_the_user_turn_of_a_chat_prompt_is_the_question():
     chat_tok = tiny_tokenizer(False, vocab_size=421)  # not the shared instance: it gets a template here
     chat_tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -187,19 +227,24 @@ def test_loading_a_gated_adaptor_without_a_tokenizer_warns(tmp_path):
     assert layer.route_filter is None and layer.config.question_gate == LEMoEConfig().question_gate
 
 
-def test_flattened_serving_batches_gate_like_the_hf_path(tmp_path):
+@pytest.mark.parametrize("two_experts_one_subject", [False, True])
+def test_flattened_serving_batches_gate_like_the_hf_path(tmp_path, two_experts_one_subject):
     """RequestRouter (the vLLM path) with the adaptor's gate: a new request's route is kept
-    exactly when the HF path keeps it, from the prompt token ids each request brings."""
+    exactly when the HF path keeps it, from the prompt token ids each request brings; with two
+    experts keyed on one subject, it picks the same one (the one holding the question)."""
     from lemoe_engine import save
     from lemoe_engine.layer import RouteContext
     from lemoe_engine.serving.adaptor import load_adaptor_layer
     from lemoe_engine.serving.batch import RequestRouter, RequestSlice, RoutingStateError
-    model, tok, _ = _edited()
+    model, tok, layer = _edited(experts=1 + two_experts_one_subject)
+    if two_experts_one_subject:
+        layer.ledger[1].prompt = OTHER_RELATION
+        layer.set_anchor(1, layer.anchors[0].clone())
     question_gate.enable(model, tok)
     prompts = {"edited": EDITED, "other": OTHER_RELATION, "paraphrase": PARAPHRASE, "unrelated": UNRELATED}
     ids = {r: tok(p).input_ids for r, p in prompts.items()}
     hf = {r: int(_route_and_logits(model, tok, p)[0][0][0, 0]) for r, p in prompts.items()}
-    assert hf == {"edited": 0, "other": -1, "paraphrase": 0, "unrelated": -1}
+    assert hf == {"edited": 0, "other": 1 if two_experts_one_subject else -1, "paraphrase": 0, "unrelated": -1}
     save(model, tmp_path / "a")
 
     layer = load_adaptor_layer(model.config, tmp_path / "a", backend="eager", tokenizer=tok)
