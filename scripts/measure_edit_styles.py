@@ -1,5 +1,6 @@
 """Edit the first T records of an edit file with the default editor (or ``--negatives N``, ``--augment N``,
-``--no-chat``, ``--strip-subject``) and print one JSON line with every metric style
+``--no-chat``, ``--strip-subject``: edited without their ``subject`` field, scored on the same
+specificity prompts as with it) and print one JSON line with every metric style
 (teacher-forced, greedy, chat), the edit wall time and the steps each expert took.
 
     python scripts/measure_edit_styles.py --limit 20 --tag default
@@ -27,6 +28,7 @@ p.add_argument("--no-select", action="store_true", help="LEMoEConfig.question_ga
                "per subject, the gate checks the anchors' choice")
 a = p.parse_args()
 edits = load_edits(a.edits, limit=a.limit, skip_invalid=True)
+scored = edits  # evaluation reads the records' subjects only to skip specificity prompts about edited facts
 if a.strip_subject:
     import dataclasses
     edits = [dataclasses.replace(e, subject=None) for e in edits]
@@ -35,7 +37,7 @@ styles = a.styles.split(",")
 refs = {}
 t0 = time.time()
 for s in styles:
-    refs[s] = unedited_reference(model, tok, edits, mode="teacher_forced" if s == "tf" else "generate", chat=s == "chat")
+    refs[s] = unedited_reference(model, tok, scored, mode="teacher_forced" if s == "tf" else "generate", chat=s == "chat")
 print("refs", round(time.time() - t0), "s", flush=True)
 cfg = EditorConfig(negatives=a.negatives, train_chat=not a.no_chat, augment=a.augment,
                    **({} if a.lr is None else {"learning_rate": a.lr}),
@@ -58,7 +60,7 @@ elif a.question_gate is not None:
     question_gate.enable(model, tok, a.question_gate)
 out["question_gate"] = editor.layer.config.question_gate if editor.layer.route_filter is not None else None
 for s in styles:
-    m = evaluate(model, tok, edits, locality_ref=refs[s], mode="teacher_forced" if s == "tf" else "generate",
+    m = evaluate(model, tok, scored, locality_ref=refs[s], mode="teacher_forced" if s == "tf" else "generate",
                  chat=s == "chat", progress=False)
     out[s] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in m.as_dict().items()
               if k in ("reliability", "generality", "locality", "specificity", "leak_rate", "specificity_leak_rate")}
