@@ -367,7 +367,7 @@ class LifelongEditor:
         try:
             trainer.run(jobs, on_done)
             self.last_run = {"block_size": block, "tail_path": trainer.mode != "full", "mode": trainer.mode,
-                             "passes": trainer.passes}
+                             "passes": trainer.passes, "shared_lead": trainer.share_lead}
         except BaseException:
             commit()
             if save_to is not None and layer.num_experts:

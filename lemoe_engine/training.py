@@ -59,11 +59,14 @@ from .errors import ConfigError
 from .experts import ACTIVATION_FNS, expert_ffn_reference
 from .layer import LEMoELayer
 from .patching import adaptors_disabled, decoder_layers, final_norm
-from .routing import acts_from, best_match_position, normalize_anchors
+from .routing import acts_from, best_match_position, normalize_anchors, token_queries
 
 MAX_AUTO_BLOCK = 128
 """Largest automatic block (edits trained at once). Larger blocks only add experts whose rows
 wait in more passes per step; throughput is set by ``micro_batch``-row passes."""
+MIN_SHARED_LEAD = 8
+"""Rows of a preparation pass that all begin with at least this many equal tokens (a chat
+template's system turn) run them once (``BlockTrainer._prepare``)."""
 AUTO_MEMORY_FRACTION = 0.25
 """Share of the free memory an automatic block may fill (CPU: MemAvailable; CUDA: free)."""
 
@@ -300,30 +303,70 @@ class BlockTrainer:
         attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
         self.window = _sliding_window(self.upper, model.config)
         self.prefix_allowed = self.from_key and self._cache_arg is not None and attention in ("sdpa", "eager")
+        # rows beginning with the same lead run it once (``_prepare``): None until checked once
+        model_arguments = inspect.signature(model.base_model.forward).parameters
+        self._model_cache_arg = next((n for n in ("cache", "past_key_values") if n in model_arguments), None)
+        self.share_lead: Optional[bool] = None if self._model_cache_arg else False
 
     # ------------------------------------------------------------------ preparation
     def _prepare(self, rows: list[_Row], check: bool) -> Optional[torch.Tensor]:
         """One forward of the unedited model over ``rows``, caching each row's target tensors:
         up to the target layer, or to the end when ``check``, when a row needs base logits, or
         (``expert_span='key'``) to record the keys and values of each row's prefix above the
-        target. Returns the logits when computed."""
+        target. Returns the logits when computed.
+
+        When every row begins with the same lead (a chat template's system turn), the lead runs
+        once and the rows continue it from its key/value cache (``_lead_length``); the first
+        time, both ways run and the shared one is kept only if it gives the same states."""
         ids, attention = self._ids(rows)
-        captured: dict[str, torch.Tensor] = {}
         needs_logits = check or any(self.terms[r.spec.term].needs_base for r in rows)
         if self.window is not None and any(r.length > self.window for r in rows):
             self.prefix_allowed = False  # a row longer than the window: its mask is the model's own
             if self.mode == "prefix":
                 self.mode = "tail"
         record = self.prefix_allowed and self.mode in (None, "prefix")
+        lead = self._lead_length(rows) if record and not needs_logits and self.share_lead is not False else 0
+        if lead and self.share_lead is None:  # first use: keep it only if it gives the same states
+            states, logits = self._row_states(rows, ids, attention, needs_logits, record, 0)
+            try:
+                shared, _ = self._row_states(rows, ids, attention, needs_logits, record, lead)
+                self.share_lead = _same_states(shared, states)
+            except torch.OutOfMemoryError:
+                raise
+            except (AttributeError, TypeError, KeyError, RuntimeError, ValueError):  # a cache this path misreads
+                self.share_lead = False
+        else:
+            states, logits = self._row_states(rows, ids, attention, needs_logits, record, lead)
+        for row, state in zip(rows, states):
+            for name, value in state.items():
+                setattr(row, name, value)
+        return logits
+
+    def _lead_length(self, rows: list[_Row]) -> int:
+        """Tokens every row of ``rows`` begins with (and each has at least one more), when there
+        are at least ``MIN_SHARED_LEAD`` of them and more than one row; else 0."""
+        if len(rows) < 2:
+            return 0
+        first, length = rows[0].spec.ids, min(r.length for r in rows) - 1
+        for row in rows[1:]:
+            ids = row.spec.ids
+            length = next((t for t in range(length) if ids[t] != first[t]), length)
+        return length if length >= MIN_SHARED_LEAD else 0
+
+    def _row_states(self, rows, ids, attention, needs_logits: bool, record: bool, lead: int):
+        """Each row's cached tensors (``_Row`` fields: x, out0, base, start, prefix, past,
+        const) from one forward of the unedited model, and its logits when ``needs_logits``.
+        ``lead`` > 0: the first ``lead`` tokens (the same in every row) run once, as a key/value
+        cache the rows' remaining tokens extend."""
+        layer = self.layer
         full = needs_logits or record
         target_block = self.blocks[self.target]
-        layer = self.layer
+        captured: dict[str, torch.Tensor] = {}
 
         def at_mlp(module, args, output):
             captured["x"] = args[0]
-            if self.from_key:  # every key window a job or a frozen expert may use
-                captured["queries"] = layer.token_queries(args[0], max(layer.config.query_window,
-                                                                       layer._anchor_layout()[2]))
+            if self.from_key:  # the query vectors of every position, for each row's key
+                captured["vectors"], captured["mask"] = layer.token_vectors(args[0]), layer.prompt_mask(args[0])
 
         def after_block(module, args, kwargs, output):
             captured["out"] = output[0] if isinstance(output, tuple) else output
@@ -333,15 +376,25 @@ class BlockTrainer:
         recorder = _KeyValueRecorder()
         handles = [layer.register_forward_hook(at_mlp),
                    target_block.register_forward_hook(after_block, with_kwargs=True)]
-        if record:
-            for index, block in enumerate(self.upper):
-                handles.append(block.self_attn.register_forward_pre_hook(
-                    recorder.hook(index, self._cache_arg), with_kwargs=True))
         logits = None
         try:
             with torch.no_grad(), adaptors_disabled(self.model):
+                cache = None
+                if lead:  # the shared lead once, its cache repeated for every row
+                    out = self.model.base_model(input_ids=ids[:1, :lead], attention_mask=attention[:1, :lead],
+                                                use_cache=True)
+                    cache = out["cache"] if "cache" in out else out["past_key_values"]
+                    cache.batch_repeat_interleave(len(rows))
+                    head = {name: value.expand(len(rows), *value.shape[1:]) for name, value in captured.items()}
+                if record:
+                    for index, block in enumerate(self.upper):
+                        handles.append(block.self_attn.register_forward_pre_hook(
+                            recorder.hook(index, self._cache_arg), with_kwargs=True))
                 if needs_logits:  # the model's own logits: the self-check's reference
                     logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+                elif lead:
+                    self.model.base_model(input_ids=ids[:, lead:], attention_mask=attention,
+                                          use_cache=True, **{self._model_cache_arg: cache})
                 else:
                     self.model.base_model(input_ids=ids, attention_mask=attention, use_cache=False)
         except _Stop:
@@ -349,26 +402,34 @@ class BlockTrainer:
         finally:
             for handle in handles:
                 handle.remove()
+        if lead:
+            captured = {name: torch.cat([head[name], value], dim=1) for name, value in captured.items()}
+        queries = None
+        if self.from_key:  # every key window a job or a frozen expert may use
+            windows = max(layer.config.query_window, layer._anchor_layout()[2])
+            queries = token_queries(layer.query_encoder, captured["vectors"], captured["mask"], windows)
         recorded = list(zip(recorder.keys, recorder.values))
+        states = []
         for b, row in enumerate(rows):
             n = row.length
-            row.x = captured["x"][b, :n].detach()
-            row.out0 = captured["out"][b, :n].detach()
+            state = {"x": captured["x"][b, :n].detach(), "out0": captured["out"][b, :n].detach()}
             if logits is not None and self.terms[row.spec.term].needs_base:
                 scored = torch.tensor(row.spec.labels[1:], device=self.device) != -100
-                row.base = logits[b, :n - 1][scored].float()
+                state["base"] = logits[b, :n - 1][scored].float()
             slot_starts = []
             if self.from_key:
-                queries = captured["queries"][:, b, :row.spec.prompt_len]
-                row.start = self._start(queries, *self.job_anchors.get(row.job, (None, None)))
-                slot_starts = [self._start(queries, layer.anchors[rows], layer.anchor_window[rows])
+                row_queries = queries[:, b, :row.spec.prompt_len]
+                state["start"] = self._start(row_queries, *self.job_anchors.get(row.job, (None, None)))
+                slot_starts = [self._start(row_queries, layer.anchors[rows], layer.anchor_window[rows])
                                for rows in (layer.anchor_rows(e) for e, _ in row.spec.frozen_route)]
-                row.prefix = min([row.start, *slot_starts])
-                if recorded and row.prefix > 0:
-                    row.past = [(k[b, :, :row.prefix].clone(), v[b, :, :row.prefix].clone()) for k, v in recorded]
+                state["prefix"] = min([state["start"], *slot_starts])
+                if recorded and state["prefix"] > 0:
+                    state["past"] = [(k[b, :, :state["prefix"]].clone(), v[b, :, :state["prefix"]].clone())
+                                     for k, v in recorded]
             if row.spec.frozen_route:
-                row.const = self._frozen_delta(row, slot_starts)
-        return logits
+                state["const"] = self._frozen_delta(row, state["x"], slot_starts)
+            states.append(state)
+        return states, logits
 
     @staticmethod
     def _start(queries: torch.Tensor, anchors: Optional[torch.Tensor], windows: Optional[torch.Tensor]) -> int:
@@ -379,9 +440,8 @@ class BlockTrainer:
         windows = None if windows is None else windows.to(queries.device)[None]
         return int(best_match_position(queries[:, None], anchors.to(queries.device)[None], anchor_window=windows)[0])
 
-    def _frozen_delta(self, row: _Row, slot_starts: Sequence[int] = ()) -> torch.Tensor:
+    def _frozen_delta(self, row: _Row, x: torch.Tensor, slot_starts: Sequence[int] = ()) -> torch.Tensor:
         layer = self.layer
-        x = row.x
         ids = torch.tensor([[e for e, _ in row.spec.frozen_route]], dtype=torch.int32,
                            device=x.device).expand(x.shape[0], -1)
         if slot_starts:  # expert_span='key': each frozen expert from its own matched token
@@ -666,7 +726,7 @@ class BlockTrainer:
                     started = time.perf_counter()
                     rows = [row for job in admitted for row in active[job].rows]
                     check = self.mode is None
-                    for chunk in _chunks(sorted(rows, key=lambda r: r.length), self.micro_batch):
+                    for chunk in _preparation_chunks(rows, self.micro_batch):
                         reference = self._prepare(chunk, check)
                         if check:
                             self._self_check(chunk, reference, active)
@@ -788,7 +848,8 @@ class _PrefixCache:
 
 class _KeyValueRecorder:
     """Records the keys and values (rotary applied) each attention computes in a forward, by
-    handing it a cache that stores what it is given and adds no past."""
+    handing it a cache that stores what it is given: with no past, or in front of the past of
+    the cache the call came with."""
 
     def __init__(self) -> None:
         self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -805,15 +866,50 @@ class _KeyValueRecorder:
         recorder = self
 
         class _Record:
+            def __init__(self, cache) -> None:
+                self.cache = cache
+
             def update(self, key_states, value_states, *args, **kwargs):
+                if self.cache is not None:  # a real cache (a shared lead): record what it returns
+                    key_states, value_states = self.cache.update(key_states, value_states, *args, **kwargs)
                 recorder.recorded[index] = (key_states.detach(), value_states.detach())
                 return key_states, value_states
 
         def pre_hook(module, args, kwargs):
+            cache = next((kwargs[k] for k in _CACHE_NAMES if kwargs.get(k) is not None), None)
             kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_NAMES}
-            kwargs[name] = _Record()
+            kwargs[name] = _Record(cache)
             return args, kwargs
         return pre_hook
+
+
+def _preparation_chunks(rows: list[_Row], size: int) -> list[list[_Row]]:
+    """``rows`` in the chunks preparation runs: rows that begin with the same
+    ``MIN_SHARED_LEAD`` tokens (a chat template's system turn) in chunks of their own, so their
+    lead can run once, when they fill at least a quarter of a chunk; each group sorted by length
+    (little padding); at most ``size`` rows a chunk."""
+    groups: dict[tuple, list[_Row]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.spec.ids[:MIN_SHARED_LEAD]), []).append(row)
+    # a group shares its lead when it fills a quarter of a chunk: smaller ones join the rest
+    shared = [group for group in groups.values() if len(group) > 1 and 4 * len(group) >= size]
+    single = [row for group in groups.values() if not (len(group) > 1 and 4 * len(group) >= size) for row in group]
+    return [chunk for group in [single, *shared]
+            for chunk in _chunks(sorted(group, key=lambda r: r.length), size)]
+
+
+def _same_states(states: list[dict], other: list[dict], tolerance: float = 1e-4) -> bool:
+    """Whether two ``_row_states`` results agree (same keys, positions and prefix lengths;
+    tensors within ``tolerance``, relative to each tensor's scale)."""
+    def close(a, b) -> bool:
+        if isinstance(a, torch.Tensor):
+            return (a.shape == b.shape and bool(torch.isfinite(a).all())
+                    and float((a - b).abs().max()) <= tolerance * max(float(b.abs().max()), 1.0))
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+        return a == b
+    return all(one.keys() == two.keys() and all(close(one[k], two[k]) for k in one)
+               for one, two in zip(states, other))
 
 
 def _detached(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,9 +26,10 @@ import torch
 
 from lemoe_engine import LEMoEConfig, load, question_gate, save
 from lemoe_engine.data import BUNDLED_EDITS, load_edits
-from lemoe_engine.editor import LifelongEditor
+from lemoe_engine.editor import EditorConfig, LifelongEditor
 from lemoe_engine.evaluation import evaluate, unedited_reference
 from lemoe_engine.models import load_model
+from lemoe_engine.patching import decoder_layers
 
 
 def main(argv=None) -> int:
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-select", action="store_true",
                         help="LEMoEConfig.question_gate_selects=False: one expert per subject, the gate "
                              "checks the anchors' choice")
+    parser.add_argument("--layer", type=int, default=None, help="LEMoEConfig.layer (default: the config's)")
+    parser.add_argument("--lr", type=float, default=None, help="EditorConfig.learning_rate (default: the config's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -58,7 +61,10 @@ def main(argv=None) -> int:
             layer.config = layer.config.replace(question_gate_selects=False)
         out["adaptor"] = args.adaptor
     else:
-        editor = LifelongEditor(model, tokenizer, LEMoEConfig(question_gate_selects=False) if args.no_select else None)
+        layer_config = {**({"question_gate_selects": False} if args.no_select else {}),
+                        **({} if args.layer is None else {"layer": args.layer})}
+        editor = LifelongEditor(model, tokenizer, LEMoEConfig(**layer_config) if layer_config else None,
+                                editor_config=EditorConfig(**({} if args.lr is None else {"learning_rate": args.lr})))
         start = time.time()
         editor.edit(edits, progress=False)
         out["edit_s"] = round(time.time() - start, 1)
@@ -66,6 +72,7 @@ def main(argv=None) -> int:
         if args.save:
             save(model, args.save)
     out["experts"] = layer.num_experts
+    out["layer"] = next(i for i, block in enumerate(decoder_layers(model)) if block.mlp is layer)
     out["selects"] = layer.config.question_gate_selects
 
     for setting in args.settings.split(","):

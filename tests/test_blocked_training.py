@@ -6,6 +6,8 @@ older experts must stay bit-identical, and an expert that stops early must not m
 the rest of its block trains on.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -215,3 +217,42 @@ def test_rows_longer_than_a_sliding_window_train_on_the_models_own_masks():
     editor.edit(edits, progress=False)
     assert editor.last_run["mode"] == "tail"
     assert all(target_argmax_hits(model, tok, e) for e in edits)
+
+
+SYSTEM_TEMPLATE = ("<s>system: You answer questions about the capital cities of the countries of the world.</s>"
+                   "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                   "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def _chat_run(monkeypatch, share: bool):
+    """Edits trained with their chat form, whose rows all begin with the template's system turn."""
+    import lemoe_engine.training as training
+    if not share:
+        monkeypatch.setattr(training, "MIN_SHARED_LEAD", 10 ** 6)
+    tok = copy.deepcopy(tiny_tokenizer(False))  # the cached tokenizer stays without a template
+    tok.chat_template = SYSTEM_TEMPLATE
+    model = llama_for(tok, seed=3)
+    editor = LifelongEditor(model, tok, CONFIG, EditorConfig(**{**BLOCKED.__dict__, "train_chat": True}),
+                            unrelated_prompts=UNRELATED)
+    reports = editor.edit(tiny_edits(8, seed=5), progress=False)
+    monkeypatch.undo()
+    return editor, reports
+
+
+def test_rows_sharing_a_lead_run_it_once_with_the_same_result(monkeypatch):
+    """The chat rows' common system turn runs once as a key/value cache; it is used only after
+    giving the same states as running every row whole, and then trains the same experts."""
+    shared, shared_reports = _chat_run(monkeypatch, share=True)
+    plain, plain_reports = _chat_run(monkeypatch, share=False)
+    assert shared.last_run["shared_lead"] is True
+    assert plain.last_run["shared_lead"] is None  # never tried: no lead long enough
+    assert [r.steps for r in shared_reports] == [r.steps for r in plain_reports]
+    for name in shared.layer.weight_names:
+        torch.testing.assert_close(getattr(shared.layer, name), getattr(plain.layer, name), rtol=1e-3, atol=1e-4)
+
+
+def test_a_lead_that_gives_other_states_is_not_used(monkeypatch):
+    import lemoe_engine.training as training
+    monkeypatch.setattr(training, "_same_states", lambda *args, **kwargs: False)
+    editor, _ = _chat_run(monkeypatch, share=True)
+    assert editor.last_run["shared_lead"] is False
