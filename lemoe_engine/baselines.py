@@ -59,7 +59,7 @@ class BaselineReport:
 
 
 def target_layer_index(model: nn.Module, layer: Optional[int] = None) -> int:
-    """The decoder layer LEMoE would edit (its default: 18/32 of the depth), or ``layer``."""
+    """The decoder layer LEMoE would edit (its default: 3/4 of the depth), or ``layer``."""
     return LEMoEConfig(layer=layer).resolved_layer(len(decoder_layers(model)))
 
 

@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'smollm2-135m' (bundled) or a local Hugging Face causal-LM folder")
 
     def editing_args(p, limit_default=None):
-        p.add_argument("--layer", type=int, default=None, help="decoder layer to edit (default: 18/32 of depth)")
+        p.add_argument("--layer", type=int, default=None, help="decoder layer to edit (default: 3/4 of the depth)")
         p.add_argument("--expert-hidden", type=int, default=None, help="expert FFN width")
         p.add_argument("--expert-span", choices=("key", "prompt"), default=None,
                        help="tokens an expert acts on: from its matched key token on (default), or "

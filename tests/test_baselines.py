@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lemoe_engine.baselines import (FTLConfig, FTLEditor, GraceAdaptor, GraceConfig, GraceEditor,
+from lemoe_engine.baselines import (target_layer_index, FTLConfig, FTLEditor, GraceAdaptor, GraceConfig, GraceEditor,
                                     NoEditEditor)
 from lemoe_engine.compare import (METHODS, add_compare_arguments, merge_rows, run_compare_command,
                                   run_comparison)
@@ -83,8 +83,8 @@ def _answer_argmax(model, ids: torch.Tensor, p: int, adaptor=None) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------- FT-L
-@pytest.mark.parametrize("family,weight", [("llama", "model.layers.1.mlp.down_proj.weight"),
-                                           ("gpt2", "transformer.h.1.mlp.c_proj.weight")])
+@pytest.mark.parametrize("family,weight", [("llama", "model.layers.2.mlp.down_proj.weight"),
+                                           ("gpt2", "transformer.h.2.mlp.c_proj.weight")])
 def test_ftl_learns_the_edit_and_touches_only_the_down_projection(tok, family, weight):
     model = _model(tok, family, seed=3)
     edit = _edit(4)
@@ -93,7 +93,7 @@ def test_ftl_learns_the_edit_and_touches_only_the_down_projection(tok, family, w
     assert _answer_argmax(model, ids, p) != target  # the random model does not know it yet
     before = {k: v.clone() for k, v in model.state_dict().items()}
     editor = FTLEditor(model, tok, FTLConfig(learning_rate=1e-2, max_steps=150))
-    assert editor.param_name == weight and editor.layer_index == 1  # 3 layers * 18 // 32
+    assert editor.param_name == weight and editor.layer_index == 2  # int(3 layers * 3/4)
     report = editor.edit_batch([edit])
     assert report.n_edits == 1 and 1 <= report.steps < 150 and report.loss < 0.02 and report.seconds > 0
     assert _answer_argmax(model, ids, p) == target
@@ -128,7 +128,7 @@ def test_no_edit_editor_changes_nothing(tok):
 def _mlp_input_at_last_token(model, prompt_ids: torch.Tensor) -> torch.Tensor:
     """Independent key: the target MLP's input at the last token of the prompt alone."""
     seen = []
-    handle = model.model.layers[1].mlp.register_forward_hook(lambda m, a, o: seen.append(a[0][0, -1].clone()))
+    handle = model.model.layers[target_layer_index(model)].mlp.register_forward_hook(lambda m, a, o: seen.append(a[0][0, -1].clone()))
     try:
         with torch.no_grad():
             model(input_ids=prompt_ids, use_cache=False)

@@ -33,7 +33,9 @@ def test_round_trip_and_unknown_field():
 
 
 def test_layer_resolution():
-    assert LEMoEConfig().resolved_layer(32) == 18  # the paper's layer in LLaMA-2-7B
+    assert LEMoEConfig().resolved_layer(32) == 24  # 3/4 of the depth (the paper's 18/32 is layer=18)
+    assert LEMoEConfig().resolved_layer(30) == 22  # SmolLM2-135M
+    assert LEMoEConfig().resolved_layer(3) == 2
     assert LEMoEConfig(layer=-1).resolved_layer(30) == 29
     with pytest.raises(ConfigError, match="out of range"):
         LEMoEConfig(layer=30).resolved_layer(30)
