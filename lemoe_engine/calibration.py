@@ -32,6 +32,10 @@ from .planner import KEY_GROUP_SIMILARITY
 from .routing import route_scores, window_mean
 from .tokens import collate, encode_pairs, pad_id
 
+ANCHOR_CHUNK = 256
+"""Edits whose anchors ``Calibration._run_anchors`` computes together (bounds the [tokens, anchors]
+score matrices against the unrelated pool)."""
+
 
 class Calibration:
     """Queries, anchors and gate thresholds for the edits of ``layer``'s model.
@@ -291,6 +295,25 @@ class Calibration:
         thresholds = torch.minimum(unrelated_best + margin, own - 1e-6)
         return anchors, thresholds, windows
 
+    def _run_anchors(self, batches: Sequence[Sequence[EditRecord]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``new_anchors`` of every batch. With max pooling an anchor, its window and its
+        threshold depend on its own edit alone, so the run's edits are computed together, in
+        chunks of ``ANCHOR_CHUNK`` (one pass for their vectors, one matmul against the unrelated
+        pool), and split per batch; mean pooling makes one anchor per batch, batch by batch."""
+        if not self.max_pooling:
+            return [self.new_anchors(edits) for edits in batches]
+        flat = [edit for edits in batches for edit in edits]
+        if self.vector_cache is not None:  # one batched pass, kept for the run
+            self.token_vectors([edit.prompt for edit in flat])
+        parts = [self.new_anchors(flat[i:i + ANCHOR_CHUNK]) for i in range(0, len(flat), ANCHOR_CHUNK)]
+        anchors, gates, windows = (torch.cat([part[k] for part in parts]) for k in range(3))
+        out, start = [], 0
+        for edits in batches:
+            end = start + len(edits)
+            out.append((anchors[start:end], gates[start:end], windows[start:end]))
+            start = end
+        return out
+
     def calibrate(self, batches: Sequence[Sequence[EditRecord]], by_question: bool = False) -> list["Calibrated"]:
         """Everything decided before training, for every batch of a run: anchors, gate
         thresholds, shared keys, and the route each edit's prompt gets when served among the
@@ -306,8 +329,7 @@ class Calibration:
         thresholds = [layer.gate_thresholds().float().cpu()]
         windows_all = [layer.anchor_window.cpu()]
         anchors_all = [known]
-        for number, edits in enumerate(batches):
-            anchors, gates, windows = self.new_anchors(edits)
+        for number, (edits, (anchors, gates, windows)) in enumerate(zip(batches, self._run_anchors(batches))):
             shared = 0
             seen = torch.cat(anchors_all)
             if seen.shape[0]:
