@@ -276,3 +276,26 @@ def test_gate_calibration_leaves_out_unrelated_prompts_naming_the_subject():
     longer = LifelongEditor(model, tok, unrelated_prompts=UNRELATED + ["Who flies Kenya Airways?"])
     assert float(longer.calibration.unrelated_best([by_subject["Kenya"]], anchor)[0]) == float(
         longer.calibration.unrelated().best(anchor)[:, 0].max())
+
+
+def test_a_runs_anchors_computed_together_equal_each_batchs_own():
+    """Calibration computes a run's anchors, windows and thresholds in one go (max pooling);
+    each must be what its batch alone gives (an anchor depends on its own edit only)."""
+    tok = tiny_tokenizer(False)
+    model = llama_for(tok, seed=4)
+    editor = LifelongEditor(model, tok, CONFIG, FAST, unrelated_prompts=UNRELATED)
+    edits = tiny_edits(7, seed=2)
+    batches = [edits[:1], edits[1:4], edits[4:5], edits[5:]]  # batches of several sizes
+    calibration = editor.calibration
+    calibration.fit_center([e.prompt for e in edits])
+    alone = [calibration.new_anchors(batch) for batch in batches]
+    calibration.vector_cache = {}
+    try:
+        together = calibration._run_anchors(batches)
+    finally:
+        calibration.vector_cache = None
+    assert len(together) == len(batches)
+    for (a_anchors, a_gates, a_windows), (anchors, gates, windows) in zip(alone, together):
+        assert anchors.shape == a_anchors.shape and torch.equal(windows, a_windows)
+        torch.testing.assert_close(anchors, a_anchors, rtol=0, atol=1e-5)
+        torch.testing.assert_close(gates, a_gates, rtol=0, atol=1e-5)
