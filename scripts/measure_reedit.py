@@ -25,7 +25,7 @@ from lemoe_engine.evaluation import evaluate, greedy_token_ids, locality_referen
 from lemoe_engine.models import load_model
 from lemoe_engine.patching import detach
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "2")))
 parser = argparse.ArgumentParser()
 parser.add_argument("--limit", type=int, default=20)
 parser.add_argument("--question-gate", type=float, default=None,
