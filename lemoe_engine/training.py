@@ -747,9 +747,15 @@ class BlockTrainer:
             self.model.train(was_training)
 
     def _admit(self, jobs, queue, active) -> list[int]:
-        """Move queued jobs into the block while their edits fit (always at least one job)."""
+        """Move queued jobs into the block while their edits fit (always at least one job).
+        A partly full block is refilled only once half a pass (``micro_batch // 2`` rows) is
+        free: admitted rows are prepared together, and a few rows at a time would make small,
+        slow preparation chunks (and too few chat rows to share their lead). When a job joins
+        does not change how it trains."""
         admitted = []
         load = sum(len(state.rows) for state in active.values())
+        if active and self.block_size - load < min(self.micro_batch, self.block_size) // 2:
+            return admitted
         while queue:
             size = len(jobs[queue[0]].rows)
             if active and load + size > self.block_size:
