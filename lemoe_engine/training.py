@@ -897,9 +897,13 @@ def _preparation_chunks(rows: list[_Row], size: int) -> list[list[_Row]]:
     groups: dict[tuple, list[_Row]] = {}
     for row in rows:
         groups.setdefault(tuple(row.spec.ids[:MIN_SHARED_LEAD]), []).append(row)
-    # a group shares its lead when it fills a quarter of a chunk: smaller ones join the rest
-    shared = [group for group in groups.values() if len(group) > 1 and 4 * len(group) >= size]
-    single = [row for group in groups.values() if not (len(group) > 1 and 4 * len(group) >= size) for row in group]
+    shared, single = [], []
+    for group in groups.values():
+        # a group shares its lead when it fills a quarter of a chunk: smaller ones join the rest
+        if len(group) > 1 and 4 * len(group) >= size:
+            shared.append(group)
+        else:
+            single.extend(group)
     return [chunk for group in [single, *shared]
             for chunk in _chunks(sorted(group, key=lambda r: r.length), size)]
 

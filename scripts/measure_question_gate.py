@@ -29,7 +29,6 @@ from lemoe_engine.data import BUNDLED_EDITS, load_edits
 from lemoe_engine.editor import EditorConfig, LifelongEditor
 from lemoe_engine.evaluation import evaluate, unedited_reference
 from lemoe_engine.models import load_model
-from lemoe_engine.patching import decoder_layers
 
 
 def main(argv=None) -> int:
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
         if args.save:
             save(model, args.save)
     out["experts"] = layer.num_experts
-    out["layer"] = next(i for i, block in enumerate(decoder_layers(model)) if block.mlp is layer)
+    out["layer"] = layer.base_info["layer"]
     out["selects"] = layer.config.question_gate_selects
 
     for setting in args.settings.split(","):
