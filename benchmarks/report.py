@@ -210,15 +210,20 @@ SHAPES_TEXT = {
                "(`lemoe_engine.evaluation.evaluate`), which must agree within 0.01. The last column (when run, "
                "`LEMOE_BENCH_EDITING_SPAN_PROMPT=1`): a third run in the same process, blocked, with experts on "
                "every token of a routed prompt (the paper's span and adaptor format 2), against the default "
-               "`expert_span='key'` (experts from their key token on). Case `llama7b` (GPU): a "
+               "`expert_span='key'` (experts from their key token on). 'train dtype': the dtype of the frozen "
+               "layers above the target while training (`EditorConfig.train_dtype`, default 'auto': bf16 where "
+               "the device computes it natively; rows before 2026-11-29 are float32); the column 'blocked in "
+               "the model's dtype' (`LEMOE_BENCH_EDITING_MODEL_DTYPE=1`): a run blocked in fp32 in the same "
+               "process. Case `llama7b` (GPU): a "
                "LLaMA-2-7B-shaped model with random bf16 weights and T made-up edits with distinct subjects "
                "(one expert each), blocked only, stop rule on the target's argmax (a random model cannot "
                "reach a low loss); its locality and generality say little (a random model's query vectors "
                "hardly separate prompts, so the gate cannot), only reliability and time are its figures",
 }
 def editing_table(rows: list[dict], gpu: bool) -> list[str]:
-    header = ["case", "T", "experts", "block", "one at a time", "blocked", "edits/s (1 / blocked)", "ratio",
-              "quality one at a time (rel/gen/loc)", "quality blocked (rel/gen/loc)",
+    header = ["case", "T", "experts", "block", "train dtype", "one at a time", "blocked", "edits/s (1 / blocked)",
+              "ratio", "quality one at a time (rel/gen/loc)", "quality blocked (rel/gen/loc)",
+              "blocked in the model's dtype: time, quality",
               "blocked, experts on every token (`expert_span='prompt'`): time, quality"]
 
     def quality(q):
@@ -232,9 +237,12 @@ def editing_table(rows: list[dict], gpu: bool) -> list[str]:
         t = r.get("T", r["shapes"].get("T"))
         rate = "-" if not blk else (f"{t / seq:.3f} / " if seq else "- / ") + f"{t / blk:.3f}"
         out.append([r["case"], str(t), str(r.get("experts", r["shapes"].get("experts", "-"))),
-                    str(r.get("block_size", "-")), secs(seq), secs(blk), rate,
+                    str(r.get("block_size", "-")), r.get("train_dtype", "float32"), secs(seq), secs(blk), rate,
                     f"{r['ratio']:.2f}x" if r.get("ratio") else "-",
                     quality(r.get("quality_one_at_a_time")), quality(r.get("quality_blocked")),
+                    "-" if r.get("seconds_blocked_model_dtype") is None else
+                    f"{secs(r['seconds_blocked_model_dtype'])} (the default {r['ratio_vs_model_dtype']:.2f}x faster), "
+                    f"{quality(r.get('quality_blocked_model_dtype'))}",
                     "-" if r.get("seconds_blocked_span_prompt") is None else
                     f"{secs(r['seconds_blocked_span_prompt'])} ({r['ratio_span_key_vs_prompt']:.2f}x the default's), "
                     f"{quality(r.get('quality_blocked_span_prompt'))}"])

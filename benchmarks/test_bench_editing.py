@@ -8,7 +8,8 @@ at a time, measured side by side in one process, with the quality of both runs.
   before blocks) and the default automatic block. Figures: editing wall time (``edit`` from
   planning to the last frozen expert), edits/s, the ratio, and teacher-forced reliability /
   generality / locality of both (``lemoe_engine.evaluation.evaluate``) that must agree within
-  0.01 (``LEMOE_BENCH_EDITING_BF16=1`` adds a run blocked with ``train_dtype="bfloat16"``,
+  0.01 (``LEMOE_BENCH_EDITING_MODEL_DTYPE=1`` adds a run blocked with ``train_dtype=None``, the
+  model's own fp32, where the default ``"auto"`` trains in bf16 on a CPU with native bf16,
   ``LEMOE_BENCH_EDITING_SPAN_PROMPT=1`` one blocked with ``expert_span="prompt"`` (experts on
   every token, as before format 3), reported beside them). The gate pool's vectors are computed
   once before the timed runs, so every run reads them from the disk cache (``vector_cache``;
@@ -94,14 +95,15 @@ def test_editing_bundled_blocked_vs_one_at_a_time(benchmark, bench_rows, request
     detach(model)
     results = {}
 
-    def run(name, block_size, train_dtype=None, config=None):
+    def run(name, block_size, train_dtype="auto", config=None):
         editor, reports, seconds = _edit(model, tokenizer, edits,
                                          EditorConfig(block_size=block_size, train_dtype=train_dtype),
                                          config or LEMoEConfig())
         metrics = evaluate(model, tokenizer, edits, locality_ref=reference, progress=False)
         results[name] = dict(seconds=seconds, reports=reports, metrics=metrics,
                              block=editor.last_run.get("block_size"), steps=sum(r.steps for r in reports),
-                             tail_path=editor.last_run.get("tail_path"))
+                             tail_path=editor.last_run.get("tail_path"),
+                             train_dtype=editor.last_run.get("train_dtype"))
         print(f"\n{name}: {seconds:.1f} s, {results[name]['steps']} steps, {editor.last_run}, "
               f"{_quality(metrics)}", flush=True)
         detach(model)  # back to the unedited model for the other run
@@ -109,8 +111,8 @@ def test_editing_bundled_blocked_vs_one_at_a_time(benchmark, bench_rows, request
     modes = [("one_at_a_time", 1), ("blocked", None)]
     if os.environ.get("LEMOE_BENCH_EDITING_MODES") == "blocked":  # T=1000 blocked alone
         modes = modes[1:]
-    if os.environ.get("LEMOE_BENCH_EDITING_BF16") == "1":  # also: blocked with a bf16 tail (not the default)
-        run("blocked_bf16", None, "bfloat16")
+    if os.environ.get("LEMOE_BENCH_EDITING_MODEL_DTYPE") == "1":  # also: blocked in the model's dtype
+        run("blocked_model_dtype", None, None)
     if os.environ.get("LEMOE_BENCH_EDITING_SPAN_PROMPT") == "1":  # also: experts on every token (the paper)
         run("blocked_span_prompt", None, config=LEMoEConfig(expert_span="prompt"))
     for name, block_size in modes[:-1]:
@@ -118,7 +120,7 @@ def test_editing_bundled_blocked_vs_one_at_a_time(benchmark, bench_rows, request
     benchmark.pedantic(run, args=modes[-1], rounds=1, iterations=1)
     blk = results["blocked"]
     row = {"T": limit, "seconds_blocked": blk["seconds"], "edits_per_s_blocked": limit / blk["seconds"],
-           "block_size": blk["block"], "tail_path": blk["tail_path"], "experts": len(blk["reports"]), "steps_blocked": blk["steps"],
+           "block_size": blk["block"], "tail_path": blk["tail_path"], "train_dtype": blk["train_dtype"], "experts": len(blk["reports"]), "steps_blocked": blk["steps"],
            "quality_blocked": _quality(blk["metrics"])}
     checks = {}
     seq = results.get("one_at_a_time")
@@ -130,10 +132,10 @@ def test_editing_bundled_blocked_vs_one_at_a_time(benchmark, bench_rows, request
             other = row["quality_one_at_a_time"][key]
             assert abs(value - other) <= QUALITY_TOLERANCE, (key, value, other)
         checks["quality_within"] = QUALITY_TOLERANCE
-    bf16 = results.get("blocked_bf16")
-    if bf16 is not None:
-        row.update(seconds_blocked_bf16=bf16["seconds"], quality_blocked_bf16=_quality(bf16["metrics"]),
-                   steps_blocked_bf16=bf16["steps"])
+    own = results.get("blocked_model_dtype")
+    if own is not None:
+        row.update(seconds_blocked_model_dtype=own["seconds"], quality_blocked_model_dtype=_quality(own["metrics"]),
+                   steps_blocked_model_dtype=own["steps"], ratio_vs_model_dtype=own["seconds"] / blk["seconds"])
     span = results.get("blocked_span_prompt")
     if span is not None:
         row.update(seconds_blocked_span_prompt=span["seconds"], quality_blocked_span_prompt=_quality(span["metrics"]),

@@ -40,7 +40,7 @@ from .evaluation import chat_text, greedy_token_ids
 from .negatives import negative_prompts, subject_of
 from .tokens import encode_pairs, special_prefix
 from .training import (BaseKL, BlockTrainer, ExpertJob, JobResult, TargetNLL, TrainRow, auto_block_size,
-                       editing_attention)
+                       editing_attention, training_dtype)
 
 
 DEFAULT_PLAN = "keys"
@@ -69,11 +69,15 @@ class EditorConfig:
     micro_batch: int = 32
     """Edits per forward pass (a step runs its block's edits, sorted by length, in passes of at
     most this many; gradients accumulate per expert over the step's passes)."""
-    train_dtype: Optional[str] = None
-    """Run the frozen layers above the target in this dtype while training (autocast; e.g.
-    "bfloat16": about 2-3x faster matmuls on CPUs with AVX512-BF16). None: the model's dtype,
-    which gives exactly the experts one-at-a-time training gives; with "bfloat16" the
-    gradients are approximate (the experts are still served in the model's dtype)."""
+    train_dtype: Optional[str] = "auto"
+    """Run the frozen layers above the target (and the LM head) in this dtype while training
+    (autocast, weights cast once). "auto" (the default): "bfloat16" when the model is fp32 and
+    its device computes bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX:
+    ``training.native_bfloat16``), else the model's dtype. None or the model's dtype: exactly
+    the experts one-at-a-time fp32 training gives (the tests pin this). With bf16 the gradients
+    are approximate, the experts are still served in the model's dtype; measured on held-out
+    edits at T=200 and T=1000 it edits 1.5x faster on this project's CPU, every metric within
+    0.01 (README, *Editing speed*)."""
     negatives: int = 0
     """Same-subject negative prompts per subject of an expert (``negatives``): the expert must
     leave the unedited model's next-token distribution on them unchanged, so other facts about
@@ -105,8 +109,8 @@ class EditorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"EditorConfig: {name} must be an int >= 0, got {value!r}")
-        if self.train_dtype not in (None, "float32", "float16", "bfloat16"):
-            raise ConfigError(f"EditorConfig: train_dtype must be None, float32, float16 or bfloat16, "
+        if self.train_dtype not in (None, "auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"EditorConfig: train_dtype must be None, auto, float32, float16 or bfloat16, "
                               f"got {self.train_dtype!r}")
         if self.block_size is not None and (not isinstance(self.block_size, int)
                                             or isinstance(self.block_size, bool) or self.block_size < 1):
@@ -330,10 +334,11 @@ class LifelongEditor:
             if fresh_cache:
                 self.calibration.vector_cache = None
         block = self.block_size(jobs)
+        compute_dtype = training_dtype(cfg.train_dtype, self.model)
         trainer = BlockTrainer(self.model, layer, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                max_steps=cfg.max_steps, block_size=block, micro_batch=cfg.micro_batch,
                                terms={"target": TargetNLL(cfg.stop_loss), "base_kl": BaseKL()},
-                               compute_dtype=getattr(torch, cfg.train_dtype) if cfg.train_dtype else None)
+                               compute_dtype=compute_dtype)
         total = sum(len(c.edits) for c in calibrated)
         bar = tqdm(total=total, desc="editing", unit="edit", disable=not progress)
         finished: dict[int, JobResult] = {}
@@ -367,7 +372,8 @@ class LifelongEditor:
         try:
             trainer.run(jobs, on_done)
             self.last_run = {"block_size": block, "tail_path": trainer.mode != "full", "mode": trainer.mode,
-                             "passes": trainer.passes, "shared_lead": trainer.share_lead}
+                             "passes": trainer.passes, "shared_lead": trainer.share_lead,
+                             "train_dtype": str(compute_dtype or next(self.model.parameters()).dtype).replace("torch.", "")}
         except BaseException:
             commit()
             if save_to is not None and layer.num_experts:

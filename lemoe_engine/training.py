@@ -54,6 +54,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from .errors import ConfigError
 from .experts import ACTIVATION_FNS, expert_ffn_reference
@@ -185,6 +186,28 @@ def available_memory(device: torch.device) -> int:
     return 4 << 30
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively: a CUDA GPU with bf16, or a CPU with
+    AVX512-BF16 or AMX (where oneDNN runs bf16 matmuls about twice as fast as fp32)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, private but stable
+        return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+    return False
+
+
+def training_dtype(name: Optional[str], model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype the frozen layers above the target run in while training (``EditorConfig.train_dtype``),
+    None for the model's own. ``"auto"``: bf16 when the model is fp32 and its device computes bf16
+    natively (``native_bfloat16``), else the model's own."""
+    parameter = next(model.parameters())
+    if name == "auto":
+        name = "bfloat16" if parameter.dtype == torch.float32 and native_bfloat16(parameter.device) else None
+    dtype = getattr(torch, name) if name else None
+    return None if dtype == parameter.dtype else dtype
+
+
 def editing_attention(device: torch.device):
     """Attention backends for editing on CUDA: every SDPA backend but cuDNN's. Editing runs many
     forward/backward passes of varying padded lengths, and cuDNN attention builds an execution
@@ -289,6 +312,15 @@ class BlockTrainer:
         self.upper = blocks[self.target + 1:]
         self.norm = final_norm(model)
         self.head = model.get_output_embeddings()
+        # the frozen matrices above the target in ``compute_dtype``, cast once: autocast would
+        # cast every one of them again on every pass (for SmolLM2's tied 49152 x 576 head that
+        # cast cost more than the head's matmul)
+        self.low_weights: dict[nn.Module, dict[str, torch.Tensor]] = {}
+        if compute_dtype is not None:
+            for module in [*self.upper, self.head]:
+                self.low_weights[module] = {name: p.detach().to(compute_dtype)
+                                            for name, p in module.named_parameters()
+                                            if p.dim() == 2 and p.dtype != compute_dtype}
         self.device = next(model.parameters()).device
         self.pad = int(getattr(model.config, "pad_token_id", None) or 0)
         # "prefix" (cached target output and the prefix's keys/values above it), "tail" (cached
@@ -530,20 +562,25 @@ class BlockTrainer:
         length = max(r.length for r in rows)
         delta = self._delta(rows, jobs, active, length) if delta_override is None else delta_override
         ids, attention = self._ids(rows)
-        autocast = torch.autocast(self.device.type, dtype=self.compute_dtype,
-                                  enabled=self.compute_dtype is not None and delta_override is None)
-        with autocast:
-            hidden, positions = self._hidden(rows, ids, attention, delta, length)
+        low = self.compute_dtype is not None and delta_override is None
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=low):
+            hidden, positions = self._hidden(rows, ids, attention, delta, length, low)
             labels = torch.full((len(rows), length + 1), -100, dtype=torch.long)
             for b, row in enumerate(rows):
                 labels[b, :row.length] = torch.tensor(row.spec.labels)
             # the label each position predicts (the next token's), at the positions computed
             targets_all = labels[:, 1:].to(self.device).gather(1, positions)
             scored = targets_all != -100
-            logits = self.head(hidden[scored]).float()
+            logits = self._call(self.head, low, hidden[scored]).float()
         return self._score(rows, jobs, active, logits, targets_all, scored, delta_override is not None)
 
-    def _hidden(self, rows, ids, attention, delta, length):
+    def _call(self, module: nn.Module, low: bool, *args, **kwargs):
+        """``module(*args, **kwargs)``; with ``low``, its matrices are the ``compute_dtype`` copies."""
+        if low and self.low_weights.get(module):
+            return functional_call(module, self.low_weights[module], args, kwargs, strict=False)
+        return module(*args, **kwargs)
+
+    def _hidden(self, rows, ids, attention, delta, length, low: bool = False):
         """Final-norm output of the model with ``delta`` added at the target layer, [B, S, d], and
         the position of each of its S rows in the sequence, [B, S] (``prefix`` mode computes only
         the positions after each row's prefix; the other modes all T)."""
@@ -557,13 +594,14 @@ class BlockTrainer:
         hidden = out0 + delta.to(out0.dtype)
         calls = self._layer_calls(ids, attention, self.upper)
         if self.mode == "prefix":
-            return self._prefix_tail(rows, hidden, calls)
+            return self._prefix_tail(rows, hidden, calls, low)
         for block, (args, kwargs) in zip(self.upper, calls):
-            out = block(hidden, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": hidden})
+            out = (self._call(block, low, hidden, *args[1:], **kwargs) if args
+                   else self._call(block, low, **{**kwargs, "hidden_states": hidden}))
             hidden = out[0] if isinstance(out, tuple) else out
         return self.norm(hidden), everything
 
-    def _prefix_tail(self, rows: list[_Row], hidden: torch.Tensor, calls: list[tuple]):
+    def _prefix_tail(self, rows: list[_Row], hidden: torch.Tensor, calls: list[tuple], low: bool = False):
         """The layers above the target on each row's positions after its prefix only; the
         prefix (no expert acts there: the unedited model's states) is attended to through the
         keys and values ``_prepare`` recorded. Rows are packed left ([B, S], S the longest
@@ -601,7 +639,7 @@ class BlockTrainer:
             call.update(layer_inputs(kwargs.get("attention_mask"), *kwargs["position_embeddings"]),
                         position_ids=positions)
             call[self._cache_arg] = _PrefixCache(*pasts[index])
-            out = block(h, **call)
+            out = self._call(block, low, h, **call)
             h = out[0] if isinstance(out, tuple) else out
         return self.norm(h), positions
 

@@ -92,9 +92,9 @@ def test_cached_paths_train_the_same_experts_as_full_forwards(monkeypatch, span)
     prefixes = []
     original = BlockTrainer._prefix_tail
 
-    def recording(self, rows, hidden, calls):
+    def recording(self, rows, hidden, calls, *rest):
         prefixes.extend(r.prefix for r in rows)
-        return original(self, rows, hidden, calls)
+        return original(self, rows, hidden, calls, *rest)
 
     monkeypatch.setattr(BlockTrainer, "_prefix_tail", recording)
     cached, cached_reports, _ = _run(BLOCKED, edits[1:], edits[:1], seed=15, config=config)
@@ -181,11 +181,58 @@ def test_block_size_config_and_automatic_choice():
 def test_bfloat16_tail_option_still_learns_the_edits():
     edits = tiny_edits(5, seed=13)
     config = EditorConfig(**{**BLOCKED.__dict__, "train_dtype": "bfloat16"})
+    tok = tiny_tokenizer(False)
+    untouched = {n: p.detach().clone() for n, p in llama_for(tok, seed=13).named_parameters()}
     editor, reports, _ = _run(config, edits[1:], edits[:1], seed=13)
+    assert editor.last_run["train_dtype"] == "bfloat16"
     assert all(r.steps < FAST.max_steps for r in reports)
     assert all(target_argmax_hits(editor.model, editor.tokenizer, e) for e in edits)
+    # the bf16 copies are the trainer's own: the model keeps its fp32 weights
+    for name, p in editor.model.named_parameters():
+        if name in untouched:
+            assert p.dtype == torch.float32 and torch.equal(p, untouched[name]), name
     with pytest.raises(ConfigError, match="train_dtype"):
         EditorConfig(train_dtype="int8")
+
+
+def test_low_precision_copies_compute_what_autocast_computes():
+    """The trainer casts the frozen matrices above the target once; a call with them gives
+    autocast's bf16 result (not the fp32 one)."""
+    tok = tiny_tokenizer(False)
+    model = llama_for(tok, seed=5)
+    editor = LifelongEditor(model, tok, CONFIG, FAST, unrelated_prompts=UNRELATED)
+    trainer = BlockTrainer(model, editor.layer, learning_rate=0.1, weight_decay=0.0, max_steps=1, block_size=1,
+                           micro_batch=1, terms={"target": TargetNLL(5.5)}, compute_dtype=torch.bfloat16)
+    for module in [*trainer.upper, trainer.head]:
+        copies = trainer.low_weights[module]
+        assert copies and all(w.dtype == torch.bfloat16 for w in copies.values())
+    head = trainer.head
+    x = torch.randn(6, 5, head.weight.shape[1])
+    exact = x.double() @ head.weight.double().T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = head(x).double()
+        copied = trainer._call(head, True, x).double()
+    relative = lambda a, b: float((a - b).norm() / b.norm())
+    assert relative(copied, autocast) < 1e-6
+    assert 1e-5 < relative(copied, exact) < 3e-2  # bf16 products: not the fp32 path
+    assert relative(trainer._call(head, False, x).double(), exact) < 1e-6
+
+
+def test_auto_train_dtype_is_bfloat16_only_where_the_device_has_it(monkeypatch):
+    from lemoe_engine import training
+    tok = tiny_tokenizer(False)
+    model = llama_for(tok, seed=3)
+    monkeypatch.setattr(training, "native_bfloat16", lambda device: True)
+    assert training.training_dtype("auto", model) == torch.bfloat16
+    assert training.training_dtype(None, model) is None
+    assert training.training_dtype("float32", model) is None  # the model's own dtype: no autocast
+    assert training.training_dtype("bfloat16", model) == torch.bfloat16
+    monkeypatch.setattr(training, "native_bfloat16", lambda device: False)
+    assert training.training_dtype("auto", model) is None
+    assert training.training_dtype("bfloat16", model) == torch.bfloat16  # asked for explicitly
+    monkeypatch.setattr(training, "native_bfloat16", lambda device: True)
+    assert training.training_dtype("auto", model.to(torch.bfloat16)) is None  # already bf16
+    assert EditorConfig().train_dtype == "auto"
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2"])

@@ -121,6 +121,14 @@ def test_no_train_eos_flag_reaches_the_editor_config():
     assert _editor_config(build_parser().parse_args(base + ["--no-train-eos"]))[1].train_eos is False
 
 
+def test_train_dtype_flag_reaches_the_editor_config():
+    from lemoe_engine.cli import _editor_config, build_parser
+    base = ["edit", "--model", "m", "--edits", "e.jsonl", "--out", "o"]
+    assert _editor_config(build_parser().parse_args(base))[1].train_dtype == "auto"
+    assert _editor_config(build_parser().parse_args(base + ["--train-dtype", "model"]))[1].train_dtype is None
+    assert _editor_config(build_parser().parse_args(base + ["--train-dtype", "bfloat16"]))[1].train_dtype == "bfloat16"
+
+
 def test_question_gate_flags_reach_the_config_and_the_saved_adaptor(workspace, capsys):
     """--question-gate COSINE / --no-question-gate: the new adaptor's config (saved), the default
     otherwise; on `edit --adaptor` they change the saved adaptor's gate."""

@@ -33,7 +33,7 @@ def llama_for(tok, seed=0, layers=4):
 
 CONFIG = LEMoEConfig(layer=2, query_source="layer1", expert_hidden=64, gate_margin=0.02)
 # a tiny random model cannot push its near-uniform logits to a low loss: stop on argmax alone
-FAST = EditorConfig(learning_rate=0.1, max_steps=80, stop_loss=5.5, negatives=0)
+FAST = EditorConfig(learning_rate=0.1, max_steps=80, stop_loss=5.5, negatives=0, train_dtype=None)
 
 
 def target_argmax_hits(model, tok, edit):
