@@ -212,7 +212,7 @@ SHAPES_TEXT = {
                "every token of a routed prompt (the paper's span and adaptor format 2), against the default "
                "`expert_span='key'` (experts from their key token on). 'train dtype': the dtype of the frozen "
                "layers above the target while training (`EditorConfig.train_dtype`, default 'auto': bf16 where "
-               "the device computes it natively; rows before 2026-11-29 are float32); the column 'blocked in "
+               "the device computes it natively; rows written before 2026-11-29 show the model's dtype); the column 'blocked in "
                "the model's dtype' (`LEMOE_BENCH_EDITING_MODEL_DTYPE=1`): a run blocked in fp32 in the same "
                "process. Case `llama7b` (GPU): a "
                "LLaMA-2-7B-shaped model with random bf16 weights and T made-up edits with distinct subjects "
@@ -220,6 +220,10 @@ SHAPES_TEXT = {
                "reach a low loss); its locality and generality say little (a random model's query vectors "
                "hardly separate prompts, so the gate cannot), only reliability and time are its figures",
 }
+MODEL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Rows written before 'train_dtype' was recorded trained in the model's dtype."""
+
+
 def editing_table(rows: list[dict], gpu: bool) -> list[str]:
     header = ["case", "T", "experts", "block", "train dtype", "one at a time", "blocked", "edits/s (1 / blocked)",
               "ratio", "quality one at a time (rel/gen/loc)", "quality blocked (rel/gen/loc)",
@@ -237,7 +241,7 @@ def editing_table(rows: list[dict], gpu: bool) -> list[str]:
         t = r.get("T", r["shapes"].get("T"))
         rate = "-" if not blk else (f"{t / seq:.3f} / " if seq else "- / ") + f"{t / blk:.3f}"
         out.append([r["case"], str(t), str(r.get("experts", r["shapes"].get("experts", "-"))),
-                    str(r.get("block_size", "-")), r.get("train_dtype", "float32"), secs(seq), secs(blk), rate,
+                    str(r.get("block_size", "-")), r.get("train_dtype") or MODEL_DTYPES.get(r["dtype"], r["dtype"]), secs(seq), secs(blk), rate,
                     f"{r['ratio']:.2f}x" if r.get("ratio") else "-",
                     quality(r.get("quality_one_at_a_time")), quality(r.get("quality_blocked")),
                     "-" if r.get("seconds_blocked_model_dtype") is None else

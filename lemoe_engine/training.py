@@ -35,6 +35,10 @@ the first pass picks the first cached path ("prefix", then "tail") that gives th
 logits, and falls back to full forwards if an architecture computes anything both miss.
 Within a step the block's rows are sorted by length and run in passes of ``micro_batch``
 rows, so little compute goes to padding.
+With a ``compute_dtype`` (``EditorConfig.train_dtype``: by default bf16 where the device
+multiplies it natively and the model is fp32, ``training_dtype``) the upper layers and the LM
+head run under autocast, their matrices cast once per run; the experts, their optimiser state
+and every cached tensor stay fp32.
 
 Extra loss terms (e.g. a KL-to-base term on negative prompts routed to an expert) plug in as
 ``LossTerm`` objects: a row names its term; terms that need the unedited model's logits get
