@@ -23,7 +23,7 @@ p.add_argument("--question-gate", type=float, default=None, help="serve with the
                "(default: the config's, on)")
 p.add_argument("--no-question-gate", action="store_true", help="serve without the question gate")
 p.add_argument("--layer", type=int, default=None, help="LEMoEConfig.layer (default: the config's)")
-p.add_argument("--train-dtype", default=None, help="EditorConfig.train_dtype (default: the config's)")
+p.add_argument("--train-dtype", default=None, help="EditorConfig.train_dtype, or 'model' for None (default: the config's)")
 p.add_argument("--no-select", action="store_true", help="LEMoEConfig.question_gate_selects=False: one expert "
                "per subject, the gate checks the anchors' choice")
 a = p.parse_args()
@@ -42,7 +42,7 @@ print("refs", round(time.time() - t0), "s", flush=True)
 cfg = EditorConfig(negatives=a.negatives, train_chat=not a.no_chat, augment=a.augment,
                    **({} if a.lr is None else {"learning_rate": a.lr}),
                    **({} if a.stop_loss is None else {"stop_loss": a.stop_loss}),
-                   **({} if a.train_dtype is None else {"train_dtype": a.train_dtype}))
+                   **({} if a.train_dtype is None else {"train_dtype": None if a.train_dtype == "model" else a.train_dtype}))
 from lemoe_engine.config import LEMoEConfig
 layer_cfg = {**({} if a.layer is None else {"layer": a.layer}), **({"question_gate_selects": False} if a.no_select else {})}
 editor = LifelongEditor(model, tok, LEMoEConfig(**layer_cfg) if layer_cfg else None, editor_config=cfg)

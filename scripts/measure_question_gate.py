@@ -45,7 +45,8 @@ def main(argv=None) -> int:
                              "checks the anchors' choice")
     parser.add_argument("--layer", type=int, default=None, help="LEMoEConfig.layer (default: the config's)")
     parser.add_argument("--lr", type=float, default=None, help="EditorConfig.learning_rate (default: the config's)")
-    parser.add_argument("--train-dtype", default=None, help="EditorConfig.train_dtype (default: the config's)")
+    parser.add_argument("--train-dtype", default=None,
+                        help="EditorConfig.train_dtype, or 'model' for None (default: the config's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
         editor = LifelongEditor(model, tokenizer, LEMoEConfig(**layer_config) if layer_config else None,
                                 editor_config=EditorConfig(**({} if args.lr is None else {"learning_rate": args.lr}),
                                                            **({} if args.train_dtype is None
-                                                              else {"train_dtype": args.train_dtype})))
+                                                              else {"train_dtype": None if args.train_dtype == "model"
+                                                                    else args.train_dtype})))
         start = time.time()
         editor.edit(edits, progress=False)
         out["edit_s"] = round(time.time() - start, 1)
