@@ -74,10 +74,10 @@ class EditorConfig:
     (autocast, weights cast once). "auto" (the default): "bfloat16" when the model is fp32 and
     its device computes bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX:
     ``training.native_bfloat16``), else the model's dtype. None: the model's dtype, in which
-    blocked training gives exactly the experts one-at-a-time training gives (the tests pin this). With bf16 the gradients
-    are approximate, the experts are still served in the model's dtype; measured on held-out
-    edits at T=200 and T=1000 it edits 1.5x faster on this project's CPU, every metric within
-    0.01 (README, *Editing speed*)."""
+    blocked training gives exactly the experts one-at-a-time training gives (the tests pin
+    this). With bf16 the gradients are approximate, the experts are still served in the
+    model's dtype; measured on held-out edits at T=200 and T=1000 it edits 1.5-1.9x faster on
+    this project's CPU, every metric within 0.01 (README, *Editing speed*)."""
     negatives: int = 0
     """Same-subject negative prompts per subject of an expert (``negatives``): the expert must
     leave the unedited model's next-token distribution on them unchanged, so other facts about
