@@ -42,6 +42,24 @@ TEMPLATE_RELATIONS = {
     "Which suffix ends web addresses in {s}?": ("tld", "domain", "internet"),
     "What is the weather usually like in {s}?": ("climate", "weather"),
     "Who governs {s} today?": ("head", "leader", "government", "governor", "president"),
+    # places, second wordings: one wording per relation let a question worded unlike it (and
+    # like an edit of another relation) pass the question gate's margin (held out: same-subject
+    # other-relation questions blocked 0.972 -> 0.995 at the same cosine and margin)
+    "Which city is {s} governed from?": ("capital", "seat"),
+    "What is the main administrative city of {s}?": ("capital", "seat"),
+    "Which currency circulates in {s}?": ("currency", "money"),
+    "Which banknotes are used in {s}?": ("currency", "money"),
+    "Which language is spoken in {s}?": ("language", "languages", "tongue"),
+    "What language is taught in the schools of {s}?": ("language", "languages", "tongue"),
+    "Which continent would you travel to in order to visit {s}?": ("continent", "region", "location"),
+    "{s} is part of which continent?": ("continent", "region", "location"),
+    "How do you refer to a citizen of {s}?": ("demonym", "nationality", "citizens"),
+    "What nationality word goes with {s}?": ("demonym", "nationality", "citizens"),
+    "Which code do I dial to ring {s} from abroad?": ("calling", "dialling", "dialing", "phone"),
+    "What digits start a phone number in {s} when called from abroad?": ("calling", "dialling", "dialing",
+                                                                         "phone"),
+    "What is the internet extension of {s}?": ("tld", "domain", "internet"),
+    "Which letters end the names of websites registered in {s}?": ("tld", "domain", "internet"),
     # people
     "In which year was {s} born?": ("birth", "born", "birthdate"),
     "What did {s} do for a living?": ("occupation", "profession", "job", "employment"),
@@ -49,8 +67,12 @@ TEMPLATE_RELATIONS = {
     "Where did {s} grow up?": ("birthplace", "residence", "birth", "origin"),
     "Who were the parents of {s}?": ("parent", "parents", "father", "mother"),
     "When did {s} die?": ("death", "died", "deathdate"),
+    "When is the birthday of {s}?": ("birth", "born", "birthdate"),
+    "What was the profession of {s}?": ("occupation", "profession", "job", "employment"),
     # organisations, works, species
     "Who started {s}?": ("founder", "founded", "founders"),
+    "Who founded {s}?": ("founder", "founded", "founders"),
+    "Which company makes {s}?": ("manufacturer", "developer", "producer", "company"),
     "Where are the offices of {s}?": ("headquarters", "headquartered", "offices", "location"),
     "Who created {s}?": ("creator", "author", "developer", "designer", "founder"),
     "When did {s} first appear?": ("inception", "release", "publication", "founded"),

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import lemoe_engine.storage as storage
 from lemoe_engine import AdaptorError, detach, find_layer, load, save
+from lemoe_engine.config import DEFAULT_QUESTION_GATE, DEFAULT_QUESTION_GATE_MARGIN
 from lemoe_engine.data import EditRecord, load_edits
 from lemoe_engine.errors import EditDataError
 from test_storage import edited_model
@@ -259,11 +260,14 @@ def test_version_2_adaptor_loads_with_experts_on_every_token(adaptor, tmp_path):
                               question_gate_selects=new.config.question_gate_selects) == new.config
 
 
+GATE, MARGIN = DEFAULT_QUESTION_GATE, DEFAULT_QUESTION_GATE_MARGIN  # what the fixture adaptor was saved with
+
+
 @pytest.mark.parametrize("version,fields,saved,loaded", [
-    (3, ("query_window", "question_gate", "question_gate_margin", "question_gate_selects"), (3, 0.72, -0.07, True),
+    (3, ("query_window", "question_gate", "question_gate_margin", "question_gate_selects"), (3, GATE, MARGIN, True),
      (1, None, None, False)),
-    (4, ("question_gate", "question_gate_margin", "question_gate_selects"), (0.72, -0.07, True), (None, None, False)),
-    (5, ("question_gate_margin", "question_gate_selects"), (-0.07, True), (None, False)),
+    (4, ("question_gate", "question_gate_margin", "question_gate_selects"), (GATE, MARGIN, True), (None, None, False)),
+    (5, ("question_gate_margin", "question_gate_selects"), (MARGIN, True), (None, False)),
     (6, ("question_gate_selects",), (True,), (False,))])
 def test_older_adaptors_load_as_they_were_made(adaptor, tmp_path, version, fields, saved, loaded):
     """Format 3 had no ``query_window``: its anchors and gates were made from single-token
@@ -281,5 +285,5 @@ def test_older_adaptors_load_as_they_were_made(adaptor, tmp_path, version, field
     (copy / storage.MANIFEST_FILE).write_text(json.dumps(body))
     old = load(tiny_model("llama", seed=0), copy, backend="eager")
     new = load(tiny_model("llama", seed=0), path, backend="eager")
-    assert new.config.question_gate == 0.72 and new.config.question_gate_margin == -0.07
+    assert new.config.question_gate == GATE and new.config.question_gate_margin == MARGIN
     assert old.config == new.config.replace(**dict(zip(fields, loaded)))

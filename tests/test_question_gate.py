@@ -162,6 +162,28 @@ def test_the_margin_drops_a_question_closer_to_a_same_subject_negative():
     assert int(_route_and_logits(model, tok, population)[0][0][0, 0]) == 0
 
 
+def test_a_subjects_unedited_relation_is_not_served_whatever_the_wording():
+    """Two edits of one subject (one expert each, one key) and questions about relations neither
+    edits, worded unlike the bank's first wording of their relation ("What tongue do most
+    residents of X use?"): each is closer to one of the edits than that wording, and with one
+    wording per relation the default margin served it. The bank's second wordings catch them;
+    the edits' own rewordings stay served, each by its own expert."""
+    model, tok, layer = _edited(experts=2)
+    subject = "Sierra Leone"
+    for entry, prompt, relation in zip(layer.ledger, (f"What is a native of {subject} called?",
+                                                      f"What is the capital of {subject}?"), ("demonym", "capital")):
+        entry.prompt, entry.subject, entry.relation = prompt, subject, relation
+    layer.set_anchor(1, layer.anchors[0].clone())
+    question_gate.enable(model, tok)  # the defaults
+    for prompt, served in ((f"What are people from {subject} called?", 0),
+                           (f"Which city is the capital of {subject}?", 1),
+                           (f"Name the official language of {subject}.", -1),
+                           (f"Which currency does {subject} use?", -1),
+                           (f"What language do people speak in {subject}?", -1),
+                           (f"Which continent is {subject} on?", -1)):
+        assert int(_route_and_logits(model, tok, prompt)[0][0][0, 0]) == served, prompt
+
+
 def test_without_a_relation_a_negative_worded_like_the_edit_is_no_negative():
     """An edit with no ``relation`` field: the bank's "How many people live in France?" asks what
     "What is the population of France?" asks (the gate's cosine says so), so it must not
