@@ -42,20 +42,20 @@ TEMPLATE_RELATIONS = {
     "Which suffix ends web addresses in {s}?": ("tld", "domain", "internet"),
     "What is the weather usually like in {s}?": ("climate", "weather"),
     "Who governs {s} today?": ("head", "leader", "government", "governor", "president"),
-    # places, second wordings: one wording per relation let a question worded unlike it (and
-    # like an edit of another relation) pass the question gate's margin (held out: same-subject
-    # other-relation questions blocked 0.972 -> 0.995 at the same cosine and margin)
-    "Which city is {s} governed from?": ("capital", "seat"),
+    # places, more wordings: one wording per relation let a question worded unlike it (and like
+    # an edit of another relation) pass the question gate's margin. None is closer to a bundled
+    # template than the first wordings are (MiniLM cosine <= 0.87: tests/test_negatives.py)
+    "From which city is {s} run?": ("capital", "seat"),
     "What is the main administrative city of {s}?": ("capital", "seat"),
-    "Which currency circulates in {s}?": ("currency", "money"),
+    "Which coins and notes are legal in {s}?": ("currency", "money"),
     "Which banknotes are used in {s}?": ("currency", "money"),
-    "Which language is spoken in {s}?": ("language", "languages", "tongue"),
+    "Which language do road signs in {s} use?": ("language", "languages", "tongue"),
     "What language is taught in the schools of {s}?": ("language", "languages", "tongue"),
     "Which continent would you travel to in order to visit {s}?": ("continent", "region", "location"),
-    "{s} is part of which continent?": ("continent", "region", "location"),
+    "{s} lies on what landmass?": ("continent", "region", "location"),
     "How do you refer to a citizen of {s}?": ("demonym", "nationality", "citizens"),
-    "What nationality word goes with {s}?": ("demonym", "nationality", "citizens"),
-    "Which code do I dial to ring {s} from abroad?": ("calling", "dialling", "dialing", "phone"),
+    "What is the adjective form of {s}?": ("demonym", "nationality", "citizens"),
+    "Which digits does an overseas caller add to reach {s}?": ("calling", "dialling", "dialing", "phone"),
     "What digits start a phone number in {s} when called from abroad?": ("calling", "dialling", "dialing",
                                                                          "phone"),
     "What is the internet extension of {s}?": ("tld", "domain", "internet"),

@@ -9,12 +9,12 @@ each fresh sequence route is checked once, at prefill: the prompt's text (its pr
 decoded; the user turn when asked through the chat template) is embedded, and a route whose
 expert holds no edit prompt (the adaptor's ledger) within cosine ``threshold`` of it is dropped,
 so the sequence gets the base MLP's output, bit for bit, as for any gated-off prompt. With
-``LEMoEConfig.question_gate_margin`` (from format 6 on; default -0.08) a kept route must also
+``LEMoEConfig.question_gate_margin`` (from format 6 on; default -0.07) a kept route must also
 not be more than ``-margin`` closer to one of the expert's *negatives* (bank questions about the
-same subject's other relations, ``negatives.negative_prompts``, two wordings per place relation)
-than to its edits: a question about another relation that is worded like an edit is caught by
-the negative it resembles more (held out, as served: paraphrases kept 0.982, same-subject
-questions blocked 0.991 at the defaults 0.68 / -0.08; README, *Question gate*). With
+same subject's other relations, ``negatives.negative_prompts``, two or three wordings per place
+relation) than to its edits: a question about another relation that is worded like an edit is
+caught by the negative it resembles more (held out, as served: paraphrases kept 0.963,
+same-subject questions blocked 0.976 at the defaults 0.72 / -0.07; README, *Question gate*). With
 ``LEMoEConfig.question_gate_selects`` (default, from format 7 on; top-1) the gate first picks,
 among the experts keyed on the routed expert's subject (``siblings``: anchors within
 ``planner.KEY_GROUP_SIMILARITY``), the one holding the edit prompt most like the question, and

@@ -53,9 +53,9 @@ def main(argv=None) -> int:
     margins = [None if m == "none" else float(m) for m in args.margins.split(",")]
     edits = load_edits(args.edits, skip_invalid=True)[args.start:]
     edits = edits[:args.limit] if args.limit else edits
-    groups: dict[str, list] = {}
-    for edit in edits:
-        groups.setdefault(subject_of(edit) or edit.prompt, []).append(edit)
+    groups: dict = {}
+    for edit in edits:  # an edit with no subject (none annotated, none guessed) stands alone, without negatives
+        groups.setdefault(subject_of(edit) or ("", edit.prompt), []).append(edit)
     cache: dict = {}
     # per cosine (the no-relation rule of subject_negatives uses it): rows of
     # (picked its own edit, cosine to the picked edit, that cosine minus the best negative's)
@@ -70,7 +70,8 @@ def main(argv=None) -> int:
                       if r is None or r not in edited]
         vectors = _embed([q for _, q, _ in questions], cache)
         for cut in cosines:
-            negatives = [subject_negatives(subject, [e], cut).numpy() for e in group]
+            negatives = [subject_negatives(subject, [e], cut).numpy() if isinstance(subject, str) else np.zeros((0, 1))
+                         for e in group]
             for (own, _, out), v in zip(questions, vectors):
                 scores = asked @ v
                 picked = int(scores.argmax())

@@ -10,9 +10,9 @@ This script edits the first T records with the default editor (or loads ``--adap
 model under each ``--settings`` entry: ``off``, ``T`` (cosine alone) or ``T:M`` (cosine and
 margin), counting the routes each setting drops.
 
-Neither ``t`` nor ``m`` may be tuned on the scored records: the defaults (0.68, -0.08; 0.72, -0.07
-before the bank's second wordings) were chosen on bundled records 1000-1627, outside every scored
-set (``scripts/measure_gate_margin.py``; README, *Question gate*).
+Neither ``t`` nor ``m`` may be tuned on the scored records: the defaults (0.72, -0.07) were chosen
+on bundled records 1000-1627, outside every scored set (``scripts/measure_gate_margin.py``;
+README, *Question gate*).
 
     python scripts/measure_question_gate.py --limit 100 [--edits FILE] [--save DIR | --adaptor DIR]
         [--settings off,0.72:-0.07,0.68:-0.08] [--styles tf,gen] [--no-select]

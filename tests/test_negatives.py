@@ -56,3 +56,19 @@ def test_negatives_skip_templates_asking_the_named_relation_in_other_words():
         assert len(kept) < len(everything), relation
     # None relations (records without the field) change nothing
     assert negative_prompts("Peru", texts, 5, relations=[None]) == negative_prompts("Peru", texts, 5)
+
+
+def test_no_bank_question_is_a_near_copy_of_a_scored_template():
+    """Exact-string disjointness is not enough: a bank question worded almost like a scored one
+    ("Which language is spoken in X?" beside "What language is officially spoken in X?", MiniLM
+    cosine 0.97) would let the gate's margin learn the scored wording. With "Peru" as the subject
+    none may be closer to a scored bundled template than 0.87 (the first bank's closest: 0.866;
+    cosines grow with the subject's share of the sentence, hence one fixed short subject)."""
+    from lemoe_engine.planner import sentence_features
+    edits = load_edits(BUNDLED_EDITS)
+    scored = sorted({_template(text, e.subject) for e in edits for text in (e.prompt, e.rephrase, *e.specificity)})
+    scored = [t for t in scored if "{s}" in t]
+    cosines = (sentence_features([t.format(s="Peru") for t in TEMPLATES])
+               @ sentence_features([t.replace("{s}", "Peru") for t in scored]).T)
+    worst = cosines.max(axis=1)
+    assert worst.max() <= 0.87, (TEMPLATES[int(worst.argmax())], float(worst.max()))

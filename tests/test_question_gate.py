@@ -162,12 +162,12 @@ def test_the_margin_drops_a_question_closer_to_a_same_subject_negative():
     assert int(_route_and_logits(model, tok, population)[0][0][0, 0]) == 0
 
 
-def test_a_subjects_unedited_relation_is_not_served_whatever_the_wording():
+def test_a_subjects_unedited_relation_worded_unlike_the_first_bank_wording_is_not_served():
     """Two edits of one subject (one expert each, one key) and questions about relations neither
-    edits, worded unlike the bank's first wording of their relation ("What tongue do most
-    residents of X use?"): each is closer to one of the edits than that wording, and with one
-    wording per relation the default margin served it. The bank's second wordings catch them;
-    the edits' own rewordings stay served, each by its own expert."""
+    edits (none of them a bundled template), each closer to one of the edits than to the bank's
+    first wording of its relation ("What tongue do most residents of X use?"), so that with one
+    wording per relation the default margin served it; the bank's later wordings catch them. The
+    edits' own rewordings stay served, each by its own expert."""
     model, tok, layer = _edited(experts=2)
     subject = "Sierra Leone"
     for entry, prompt, relation in zip(layer.ledger, (f"What is a native of {subject} called?",
@@ -175,12 +175,10 @@ def test_a_subjects_unedited_relation_is_not_served_whatever_the_wording():
         entry.prompt, entry.subject, entry.relation = prompt, subject, relation
     layer.set_anchor(1, layer.anchors[0].clone())
     question_gate.enable(model, tok)  # the defaults
-    for prompt, served in ((f"What are people from {subject} called?", 0),
-                           (f"Which city is the capital of {subject}?", 1),
-                           (f"Name the official language of {subject}.", -1),
-                           (f"Which currency does {subject} use?", -1),
-                           (f"What language do people speak in {subject}?", -1),
-                           (f"Which continent is {subject} on?", -1)):
+    for prompt, served in ((f"What are the people of {subject} called?", 0),
+                           (f"Which city is the seat of {subject}'s government?", 1),
+                           (f"Tell me the main language of {subject}.", -1),
+                           (f"Which currency is accepted in {subject}?", -1)):
         assert int(_route_and_logits(model, tok, prompt)[0][0][0, 0]) == served, prompt
 
 
