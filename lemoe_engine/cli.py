@@ -71,13 +71,19 @@ def _editor_config(args) -> tuple:
     gate = question_gate_choice(args)
     if gate is not None:
         overrides["question_gate"] = None if gate == GATE_OFF else gate
-    train_dtype = getattr(args, "train_dtype", "auto")
     return LEMoEConfig(seed=args.seed, **overrides), EditorConfig(train_eos=not args.no_train_eos,
                                                                   block_size=getattr(args, "block_size", None),
                                                                   negatives=args.negatives,
                                                                   augment=args.augment,
-                                                                  train_dtype=None if train_dtype == "model" else train_dtype,
+                                                                  train_dtype=train_dtype_option(
+                                                                      getattr(args, "train_dtype", "auto")),
                                                                   train_chat=not args.no_train_chat)
+
+
+def train_dtype_option(value: str) -> Optional[str]:
+    """``EditorConfig.train_dtype`` for a ``--train-dtype`` value: "model" (the model's own
+    dtype) is None there, every other value is itself."""
+    return None if value == "model" else value
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 12, chat: bool = False) -> str:

@@ -8,6 +8,7 @@ specificity prompts as with it) and print one JSON line with every metric style
 """
 import json, sys, time, argparse, torch
 torch.set_num_threads(1)
+from lemoe_engine.cli import train_dtype_option
 from lemoe_engine.models import load_model
 from lemoe_engine.data import load_edits, BUNDLED_EDITS
 from lemoe_engine.editor import LifelongEditor, EditorConfig
@@ -42,7 +43,7 @@ print("refs", round(time.time() - t0), "s", flush=True)
 cfg = EditorConfig(negatives=a.negatives, train_chat=not a.no_chat, augment=a.augment,
                    **({} if a.lr is None else {"learning_rate": a.lr}),
                    **({} if a.stop_loss is None else {"stop_loss": a.stop_loss}),
-                   **({} if a.train_dtype is None else {"train_dtype": None if a.train_dtype == "model" else a.train_dtype}))
+                   **({} if a.train_dtype is None else {"train_dtype": train_dtype_option(a.train_dtype)}))
 from lemoe_engine.config import LEMoEConfig
 layer_cfg = {**({} if a.layer is None else {"layer": a.layer}), **({"question_gate_selects": False} if a.no_select else {})}
 editor = LifelongEditor(model, tok, LEMoEConfig(**layer_cfg) if layer_cfg else None, editor_config=cfg)

@@ -69,9 +69,17 @@ def main(argv=None) -> int:
                       for p, r in zip(e.specificity, e.specificity_relation or (None,) * len(e.specificity))
                       if r is None or r not in edited]
         vectors = _embed([q for _, q, _ in questions], cache)
+        made: dict = {}  # (edit, the cosine if it names no relation): its negatives, made once
+
+        def negatives_of(k, edit, cut):
+            key = (k, None if edit.relation else cut)
+            if key not in made:
+                made[key] = (subject_negatives(subject, [edit], cut).numpy() if isinstance(subject, str)
+                             else np.zeros((0, 1)))
+            return made[key]
+
         for cut in cosines:
-            negatives = [subject_negatives(subject, [e], cut).numpy() if isinstance(subject, str) else np.zeros((0, 1))
-                         for e in group]
+            negatives = [negatives_of(k, e, cut) for k, e in enumerate(group)]
             for (own, _, out), v in zip(questions, vectors):
                 scores = asked @ v
                 picked = int(scores.argmax())

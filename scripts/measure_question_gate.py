@@ -15,7 +15,7 @@ on bundled records 1000-1627, outside every scored set (``scripts/measure_gate_m
 README, *Question gate*).
 
     python scripts/measure_question_gate.py --limit 100 [--edits FILE] [--save DIR | --adaptor DIR]
-        [--settings off,0.72:-0.07,0.68:-0.08] [--styles tf,gen] [--no-select]
+        [--settings off,0.74,0.72:-0.07] [--styles tf,gen] [--no-select]
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from lemoe_engine import LEMoEConfig, load, question_gate, save
 from lemoe_engine.data import BUNDLED_EDITS, load_edits
 from lemoe_engine.editor import EditorConfig, LifelongEditor
 from lemoe_engine.evaluation import evaluate, unedited_reference
+from lemoe_engine.cli import train_dtype_option
 from lemoe_engine.models import load_model
 
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", default=str(BUNDLED_EDITS))
     parser.add_argument("--limit", type=int, default=100)
-    parser.add_argument("--settings", default="off,0.72:-0.07,0.68:-0.08")
+    parser.add_argument("--settings", default="off,0.74,0.72:-0.07")
     parser.add_argument("--styles", default="tf,gen")
     parser.add_argument("--adaptor", default=None, help="evaluate this saved adaptor instead of editing")
     parser.add_argument("--save", default=None, help="save the edited adaptor here")
@@ -68,8 +69,7 @@ def main(argv=None) -> int:
         editor = LifelongEditor(model, tokenizer, LEMoEConfig(**layer_config) if layer_config else None,
                                 editor_config=EditorConfig(**({} if args.lr is None else {"learning_rate": args.lr}),
                                                            **({} if args.train_dtype is None
-                                                              else {"train_dtype": None if args.train_dtype == "model"
-                                                                    else args.train_dtype})))
+                                                              else {"train_dtype": train_dtype_option(args.train_dtype)})))
         start = time.time()
         editor.edit(edits, progress=False)
         out["edit_s"] = round(time.time() - start, 1)
