@@ -13,7 +13,6 @@ gets when served (``Calibration``, used by ``editor.LifelongEditor``).
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import vector_cache
 from .data import EditRecord
-from .keys import guess_subject
+from .keys import guess_subject, names_subject
 from .layer import LEMoELayer
 from .patching import adaptors_disabled, decoder_layers, query_mask
 from .planner import KEY_GROUP_SIMILARITY
@@ -139,6 +138,17 @@ class Calibration:
         vectors = self.token_vectors(prompts)
         return _per_window(windows, lambda window: _max_sim(*_pad(self.encode(vectors, window)), anchors))
 
+    def own_scores(self, prompts: Sequence[str], anchors: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """``scores(prompts, anchors, windows).diagonal()`` without the other pairs: each prompt's
+        max-pooled score on its own anchor [P]."""
+        vectors = self.token_vectors(prompts)
+        out = torch.empty(len(prompts))
+        for window in sorted(set(windows.tolist())):
+            chosen = [i for i, w in enumerate(windows.tolist()) if w == window]
+            for i, queries in zip(chosen, self.encode([vectors[i] for i in chosen], window)):
+                out[i] = (queries @ anchors[i].cpu().float()).max()
+        return out
+
     def sequence_queries(self, prompts: Sequence[str]) -> torch.Tensor:
         """Mean-pooled unit queries of ``prompts`` [n, key] (the paper's instance query)."""
         return self.pooled_queries(self.token_vectors(prompts))
@@ -148,7 +158,8 @@ class Calibration:
 
     def routes(self, prompts: Sequence[str]) -> torch.Tensor:
         """The expert each prompt routes to now as the anchors decide (top-1, -1 = none): the question
-        gate, when on, then drops the route or picks another expert of the same subject."""
+        gate, when on, then drops the route, picks another expert of the same subject, or serves a
+        prompt left without one by the edited subject it names."""
         def capture(layer: LEMoELayer, x: torch.Tensor):
             return layer._route(x)[0][:, 0].cpu()
         return torch.cat(self.run_prompts(prompts, capture))
@@ -244,9 +255,7 @@ class Calibration:
         for column, edit in enumerate(edits):
             if not edit.subject:
                 continue
-            pattern = re.compile(r"(?<![\w-])" + re.escape(edit.subject) + r"(?![\w-])")
-            rows = [i for i, text in enumerate(self.unrelated_prompts)
-                    if any(not _inside_longer_name(text, m.start(), m.end()) for m in pattern.finditer(text))]
+            rows = [i for i, text in enumerate(self.unrelated_prompts) if names_subject(text, edit.subject)]
             if rows and len(rows) < scores.shape[0]:
                 scores[rows, column] = float("-inf")
         return scores.max(dim=0).values
@@ -285,7 +294,7 @@ class Calibration:
         if self.max_pooling:
             anchors, windows = self.keys(edits)
             unrelated_best = self.unrelated_best(edits, anchors, windows)
-            own = self.scores(prompts, anchors, windows).diagonal()
+            own = self.own_scores(prompts, anchors, windows)
         else:
             queries = self.sequence_queries(prompts)
             anchors = F.normalize(queries.mean(dim=0, keepdim=True), dim=-1)
@@ -383,20 +392,6 @@ class Calibrated:
     shared_keys: int
     windows: torch.Tensor = None  # per anchor: how many prompt tokens its key pools
     routes: list = field(default_factory=list)  # per edit: (expert ids, weights) when served
-
-
-def _inside_longer_name(text: str, start: int, end: int) -> bool:
-    """Whether the match ``text[start:end]`` is part of a longer capitalised name ("Guinea" in
-    "Papua New Guinea", "Ford" in "Ford Motor Company"): the next word is capitalised, or the
-    previous one is and does not start the sentence."""
-    after = re.match(r" (\w+)", text[end:])
-    if after and after.group(1)[0].isupper():
-        return True
-    before = re.search(r"(\w+) $", text[:start])
-    if not before or not before.group(1)[0].isupper():
-        return False
-    head = text[:before.start(1)].rstrip()
-    return bool(head) and not head.endswith((".", "?", "!", ":", '"'))
 
 
 @dataclass

@@ -121,6 +121,14 @@ class LEMoEConfig:
     gate under *Facts, not just prompts*).
     False: the anchors' choice stands, and the editor groups a subject's edits in one expert.
     Adaptors saved before format 7 load with False."""
+    question_gate_by_name: bool = True
+    """With the question gate on: a prompt that the anchors route to no expert, or whose route
+    the gate drops, is served by the expert holding the edit prompt most like it among the
+    experts whose edits' subjects it names (a whole name, case-sensitive: ``keys.names_subject``),
+    when that expert passes the gate's checks above. The anchors key on the subject's hidden
+    states, which carry no context when the subject opens the prompt ("Peru's capital is"); the
+    sentence encoder reads the words (README, *Question gate*). False: only the anchors route.
+    Adaptors saved before format 8 load with False."""
     gate_margin: float = 0.02
     """Calibration margin: threshold sits this far above the best unrelated score. 0.02 with the
     bundled 3,435 unrelated prompts (0.05 suited the first 300: with thousands of real-looking
@@ -170,6 +178,7 @@ class LEMoEConfig:
              f"temperature must be a positive finite number, got {self.temperature!r}")
         need(isinstance(self.gate, bool), "gate must be True or False")
         need(isinstance(self.question_gate_selects, bool), "question_gate_selects must be True or False")
+        need(isinstance(self.question_gate_by_name, bool), "question_gate_by_name must be True or False")
         need(self.question_gate is None or (isinstance(self.question_gate, (int, float))
                                              and not isinstance(self.question_gate, bool)
                                              and -1.0 <= self.question_gate <= 1.0),
@@ -240,6 +249,12 @@ class LEMoEConfig:
     def selects_by_question(self) -> bool:
         """The question gate picks among same-key experts (``question_gate_selects``, top-1)."""
         return self.gates_questions and self.question_gate_selects and self.top_k == 1
+
+    @property
+    def routes_by_name(self) -> bool:
+        """The question gate serves what the anchors miss by the subject a prompt names
+        (``question_gate_by_name``)."""
+        return self.gates_questions and self.question_gate_by_name
 
     def anchor_dim(self, hidden_size: int) -> int:
         """Dimension of queries and anchors for a base model of width ``hidden_size``."""

@@ -202,7 +202,8 @@ class LifelongEditor:
 
     def routes(self, prompts: Sequence[str]) -> torch.Tensor:
         """The expert each prompt routes to now as the anchors decide (top-1, -1 = none): the question
-        gate, when on, then drops the route or picks another expert of the same subject."""
+        gate, when on, then drops the route, picks another expert of the same subject, or serves a
+        prompt left without one by the edited subject it names."""
         return self.calibration.routes(prompts)
 
     # ------------------------------------------------------------- training

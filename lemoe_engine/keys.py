@@ -55,3 +55,26 @@ def guess_subject(prompt: str) -> Optional[str]:
         if last.endswith(".") and len(last) > 3:  # a sentence's full stop, not "Jr." or "U.S."
             end -= 1
     return prompt[start:end] or None
+
+
+def names_subject(text: str, subject: str) -> bool:
+    """Whether ``text`` names ``subject`` as a whole name, case-sensitively: not inside a longer
+    word or hyphenated name, nor inside a longer capitalised name ("Guinea" is not named by
+    "Papua New Guinea", "Ford" not by "Ford Motor Company")."""
+    if not subject or subject not in text:
+        return False
+    pattern = re.compile(r"(?<![\w-])" + re.escape(subject) + r"(?![\w-])")
+    return any(not _inside_longer_name(text, m.start(), m.end()) for m in pattern.finditer(text))
+
+
+def _inside_longer_name(text: str, start: int, end: int) -> bool:
+    """Whether the match ``text[start:end]`` is part of a longer capitalised name: the next word
+    is capitalised, or the previous one is and does not start the sentence."""
+    after = re.match(r" (\w+)", text[end:])
+    if after and after.group(1)[0].isupper():
+        return True
+    before = re.search(r"(\w+) $", text[:start])
+    if not before or not before.group(1)[0].isupper():
+        return False
+    head = text[:before.start(1)].rstrip()
+    return bool(head) and not head.endswith((".", "?", "!", ":", '"'))

@@ -20,7 +20,11 @@ among the experts keyed on the routed expert's subject (``siblings``: anchors wi
 ``planner.KEY_GROUP_SIMILARITY``), the one holding the edit prompt most like the question, and
 checks that one: the anchors cannot tell two facts of one subject apart, the encoder can, so the
 editor gives every edit its own expert. Decode steps
-reuse the gated route. Experts without ledger entries (adaptors made outside the editor) are
+reuse the gated route. With ``LEMoEConfig.question_gate_by_name`` (default, from format 8 on) a
+prompt left without a route (the anchors found none, or the gate dropped theirs) is served by the
+expert holding the edit prompt most like it among the experts whose edits' subjects it names as a
+whole name, when that expert passes the same checks: the anchors key on the subject's hidden
+states, which carry no context when the subject opens the prompt. Experts without ledger entries (adaptors made outside the editor) are
 never gated. Top-k > 1: the weights of the kept slots are renormalised (a softmax over the kept
 experts, as the anchor gate gives).
 
@@ -44,6 +48,7 @@ from torch import nn
 from .config import DEFAULT_QUESTION_GATE as DEFAULT_THRESHOLD
 from .errors import ConfigError
 from .layer import LEMoELayer
+from .keys import names_subject
 from .negatives import TEMPLATES, negative_prompts, subject_of
 from .patching import find_layer
 _SENTINEL = "\u2063lemoe-question\u2063"
@@ -60,6 +65,8 @@ class QuestionGate:
         self._questions: Optional[tuple] = None  # (ledger signature, embeddings [N, d], owner [N])
         self._negatives: dict[int, tuple] = {}  # expert -> (its ledger signature, embeddings [M, d])
         self._siblings: tuple = (None, {})  # (anchor table signature, expert -> same-key experts)
+        self._subjects: tuple = (None, {})  # (ledger signature, subject -> experts holding its edits)
+        self._embedded: dict[str, torch.Tensor] = {}  # text -> its embedding (negatives)
         self._chat = _chat_affixes(tokenizer)
 
     def expert_questions(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +92,8 @@ class QuestionGate:
                 subject = subject_of(entry)
                 if subject:
                     subjects.setdefault(subject, []).append(entry)
-            parts = [subject_negatives(subject, group, self.threshold) for subject, group in subjects.items()]
+            parts = [subject_negatives(subject, group, self.threshold, embed=self.embed_once)
+                     for subject, group in subjects.items()]
             parts = [part for part in parts if len(part)]
             cached = (signature, torch.cat(parts) if parts else torch.zeros(0, 1))
             self._negatives[expert] = cached
@@ -101,6 +109,39 @@ class QuestionGate:
         if expert not in found:
             found[expert] = same_key_experts(layer, expert)
         return found[expert]
+
+    def embed_once(self, texts: list[str]) -> torch.Tensor:
+        """``_embed``, each text embedded once per gate: a subject's experts share most of their
+        negatives (one expert per edit, ~4 edits per subject at T=1000 on the bundled set)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._embedded))
+        if missing:
+            self._embedded.update(zip(missing, _embed(missing)))
+        return torch.stack([self._embedded[t] for t in texts]) if texts else torch.zeros(0, 1)
+
+    def clear_of_negatives(self, layer, expert: int, score: float, query: torch.Tensor) -> bool:
+        """With ``question_gate_margin``: the prompt (``query``, its best cosine ``score`` to the
+        expert's edit prompts) is not more than ``-margin`` closer to one of its negatives."""
+        margin = layer.config.question_gate_margin
+        if margin is None:
+            return True
+        negatives = self.expert_negatives(layer, expert)
+        return not len(negatives) or score - float((negatives @ query).max()) >= margin
+
+    def named_experts(self, layer, text: str) -> torch.Tensor:
+        """The experts holding an active edit whose subject ``text`` names (``keys.names_subject``;
+        the record's subject, else the one guessed from its prompt), int64 on the CPU."""
+        entries = _entries_on_record(layer)
+        signature = tuple((e.subject, e.prompt, e.expert) for e in entries)
+        if self._subjects[0] != signature:
+            by_subject: dict[str, set] = {}
+            for entry in entries:
+                subject = subject_of(entry)
+                if subject:
+                    by_subject.setdefault(subject, set()).add(entry.expert)
+            self._subjects = (signature, by_subject)
+        found = {e for subject, experts in self._subjects[1].items() if names_subject(text, subject)
+                 for e in experts}
+        return torch.tensor(sorted(found), dtype=torch.long)
 
     def prompt_text(self, token_ids: torch.Tensor) -> str:
         """The question a prompt asks: its tokens decoded, the chat template's user turn if the
@@ -145,12 +186,19 @@ class QuestionGate:
         slot = ids.long().clamp_min(0)
         best = per_expert.gather(1, slot)
         keep = (ids >= 0) & (best >= self.threshold)
-        margin = layer.config.question_gate_margin
-        if margin is not None:  # ... and not more like one of the expert's same-subject negatives
-            for b, k in keep.nonzero().tolist():
-                negatives = self.expert_negatives(layer, int(ids[b, k]))
-                if len(negatives) and float(best[b, k]) - float((negatives @ queries[b]).max()) < margin:
-                    keep[b, k] = False
+        for b, k in keep.nonzero().tolist():  # ... and not more like one of its same-subject negatives
+            keep[b, k] = self.clear_of_negatives(layer, int(ids[b, k]), float(best[b, k]), queries[b])
+        if layer.config.routes_by_name:  # what the anchors miss: the expert of the subject the prompt names
+            ids, weights = ids.clone(), weights.clone()
+            for b in (~keep.any(dim=1)).nonzero().flatten().tolist():
+                named = self.named_experts(layer, texts[b])
+                if not len(named):
+                    continue
+                expert = int(named[per_expert[b, named.to(per_expert.device)].argmax()])
+                score = float(per_expert[b, expert])
+                if score >= self.threshold and self.clear_of_negatives(layer, expert, score, queries[b]):
+                    ids[b], weights[b], keep[b] = -1, 0.0, False
+                    ids[b, 0], weights[b, 0], keep[b, 0] = expert, 1.0, True
         kept = torch.where(keep, weights, torch.zeros_like(weights))
         total = kept.sum(dim=1, keepdim=True)
         kept = torch.where(total > 0, kept / total.clamp_min(1e-30), kept)
@@ -172,26 +220,32 @@ def encoder_available() -> bool:
     return True
 
 
+def _entries_on_record(layer: LEMoELayer) -> list:
+    """The active edits of the ledger held by an expert of ``layer``."""
+    return [e for e in layer.ledger if e.active and e.expert is not None and 0 <= e.expert < layer.num_experts]
+
+
 def _questions_on_record(layer: LEMoELayer) -> list[tuple[str, int]]:
     """(prompt, expert) of every active edit of the ledger held by an expert of ``layer``."""
-    return [(e.prompt, e.expert) for e in layer.ledger
-            if e.active and e.expert is not None and 0 <= e.expert < layer.num_experts]
+    return [(e.prompt, e.expert) for e in _entries_on_record(layer)]
 
 
-def subject_negatives(subject: str, edits, threshold: float) -> torch.Tensor:
+def subject_negatives(subject: str, edits, threshold: float, embed=None) -> torch.Tensor:
     """Embeddings [M, d] of the negatives of ``edits`` (objects with ``prompt`` and ``relation``,
     all about ``subject``): bank questions about the subject that ask none of their relations
     (``negatives.negative_prompts``, built from the edit prompts only: a record's paraphrase is
     what a user may ask, not a relation hint). Where an edit names no ``relation`` the bank
     cannot tell which template asks it, so a negative within ``threshold`` (the gate's cosine)
-    of one of the edit prompts, one the gate would itself take for that edit, is left out."""
+    of one of the edit prompts, one the gate would itself take for that edit, is left out.
+    ``embed``: texts -> embeddings (default: the sentence encoder, uncached)."""
+    embed = embed or _embed
     prompts = negative_prompts(subject, [e.prompt for e in edits], len(TEMPLATES),
                                relations=[e.relation for e in edits])
     if not prompts:
         return torch.zeros(0, 1)
-    embedded = _embed(prompts)
+    embedded = embed(prompts)
     if not all(e.relation for e in edits):
-        asked = _embed([e.prompt for e in edits])
+        asked = embed([e.prompt for e in edits])
         embedded = embedded[(embedded @ asked.T).amax(dim=1) < threshold]
     return embedded
 

@@ -8,14 +8,15 @@ their MiniLM-L6 sentence embeddings at least ``t``) and, with a margin ``m``, is
 This script edits the first T records with the default editor (or loads ``--adaptor``, and can
 ``--save`` what it edited), then evaluates teacher-forced and greedy metrics on the same edited
 model under each ``--settings`` entry: ``off``, ``T`` (cosine alone) or ``T:M`` (cosine and
-margin), counting the routes each setting drops.
+margin), each with ``+name`` for ``question_gate_by_name`` (a prompt the anchors miss served by the
+edited subject it names), counting the routes each setting drops and adds by name.
 
 Neither ``t`` nor ``m`` may be tuned on the scored records: the defaults (0.72, -0.07) were chosen
 on bundled records 1000-1627, outside every scored set (``scripts/measure_gate_margin.py``;
 README, *Question gate*).
 
     python scripts/measure_question_gate.py --limit 100 [--edits FILE] [--save DIR | --adaptor DIR]
-        [--settings off,0.74,0.72:-0.07] [--styles tf,gen] [--no-select]
+        [--settings off,0.72:-0.07,0.72:-0.07+name] [--styles tf,gen] [--no-select]
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", default=str(BUNDLED_EDITS))
     parser.add_argument("--limit", type=int, default=100)
-    parser.add_argument("--settings", default="off,0.74,0.72:-0.07")
+    parser.add_argument("--settings", default="off,0.72:-0.07,0.72:-0.07+name")
     parser.add_argument("--styles", default="tf,gen")
     parser.add_argument("--adaptor", default=None, help="evaluate this saved adaptor instead of editing")
     parser.add_argument("--save", default=None, help="save the edited adaptor here")
@@ -84,14 +85,17 @@ def main(argv=None) -> int:
         if setting == "off":
             question_gate.disable(model)
         else:
-            cosine, _, margin = setting.partition(":")
+            gate_setting, by_name, _ = setting.partition("+name")
+            cosine, _, margin = gate_setting.partition(":")
             gate = question_gate.enable(model, tokenizer, float(cosine), margin=float(margin) if margin else None)
-            counts = {"routes": 0, "dropped": 0}
+            layer.config = layer.config.replace(question_gate_by_name=by_name == "+name")
+            counts = {"routes": 0, "dropped": 0, "by_name": 0}
 
             def counting(layer, x, ids, weights, gate=gate, counts=counts):
                 kept_ids, kept = gate(layer, x, ids, weights)
                 counts["routes"] += int((ids >= 0).sum())
                 counts["dropped"] += int(((ids >= 0) & (kept_ids < 0)).sum())
+                counts["by_name"] += int(((ids < 0) & (kept_ids >= 0)).sum())
                 return kept_ids, kept
 
             layer.route_filter = counting

@@ -257,24 +257,29 @@ def test_version_2_adaptor_loads_with_experts_on_every_token(adaptor, tmp_path):
     assert old.config.replace(expert_span="key", query_window=new.config.query_window,
                               question_gate=new.config.question_gate,
                               question_gate_margin=new.config.question_gate_margin,
-                              question_gate_selects=new.config.question_gate_selects) == new.config
+                              question_gate_selects=new.config.question_gate_selects,
+                              question_gate_by_name=new.config.question_gate_by_name) == new.config
 
 
 GATE, MARGIN = DEFAULT_QUESTION_GATE, DEFAULT_QUESTION_GATE_MARGIN  # what the fixture adaptor was saved with
 
 
 @pytest.mark.parametrize("version,fields,saved,loaded", [
-    (3, ("query_window", "question_gate", "question_gate_margin", "question_gate_selects"), (3, GATE, MARGIN, True),
-     (1, None, None, False)),
-    (4, ("question_gate", "question_gate_margin", "question_gate_selects"), (GATE, MARGIN, True), (None, None, False)),
-    (5, ("question_gate_margin", "question_gate_selects"), (MARGIN, True), (None, False)),
-    (6, ("question_gate_selects",), (True,), (False,))])
+    (3, ("query_window", "question_gate", "question_gate_margin", "question_gate_selects", "question_gate_by_name"),
+     (3, GATE, MARGIN, True, True), (1, None, None, False, False)),
+    (4, ("question_gate", "question_gate_margin", "question_gate_selects", "question_gate_by_name"),
+     (GATE, MARGIN, True, True), (None, None, False, False)),
+    (5, ("question_gate_margin", "question_gate_selects", "question_gate_by_name"), (MARGIN, True, True),
+     (None, False, False)),
+    (6, ("question_gate_selects", "question_gate_by_name"), (True, True), (False, False)),
+    (7, ("question_gate_by_name",), (True,), (False,))])
 def test_older_adaptors_load_as_they_were_made(adaptor, tmp_path, version, fields, saved, loaded):
     """Format 3 had no ``query_window``: its anchors and gates were made from single-token
     queries, so it loads with ``query_window=1`` and routes as it did. Format 4 had no
     ``question_gate``: its adaptors were served without it, and still are. Format 5 had the gate
     but no ``question_gate_margin``: it keeps its cosine and is served without the margin. Format
-    6 had no ``question_gate_selects``: its gate checks the expert the anchors chose, as it did."""
+    6 had no ``question_gate_selects``: its gate checks the expert the anchors chose, as it did.
+    Format 7 had no ``question_gate_by_name``: its gate serves only what the anchors route."""
     path, _ = adaptor
     copy = tmp_path / f"v{version}"
     shutil.copytree(path, copy)

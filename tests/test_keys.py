@@ -2,7 +2,7 @@
 
 import pytest
 
-from lemoe_engine.keys import guess_subject
+from lemoe_engine.keys import guess_subject, names_subject
 
 
 @pytest.mark.parametrize("prompt,subject", [
@@ -24,3 +24,22 @@ def test_nothing_to_guess():
     assert guess_subject("what is two plus two?") is None
     assert guess_subject("What is it?") is None
     assert guess_subject("") is None
+
+
+@pytest.mark.parametrize("text,subject,named", [
+    ("Peru's capital is which city?", "Peru", True),
+    ("What is the capital of Peru?", "Peru", True),
+    ("Bulgaria is located on which continent?", "Bulgaria", True),
+    ("What is the capital of Papua New Guinea?", "Guinea", False),   # inside a longer name
+    ("Who founded Ford Motor Company?", "Ford", False),
+    ("What is the capital of Guinea-Bissau?", "Guinea", False),       # hyphenated name
+    ("Is Peruvian food spicy?", "Peru", False),                      # inside a word
+    ("what is the capital of peru?", "Peru", False),                 # case-sensitive
+    ("Where is Guinea? Papua New Guinea is elsewhere.", "Guinea", True),
+    ("New. Guinea borders Mali.", "Guinea", True),                   # a sentence's first word
+    ("", "Peru", False),
+])
+def test_a_subject_is_named_as_a_whole_name(text, subject, named):
+    """``names_subject``: the rule that leaves a subject's own questions out of the gate pool and
+    lets the question gate serve a prompt by the edited subject it names."""
+    assert names_subject(text, subject) is named

@@ -86,16 +86,46 @@ def test_top2_keeps_the_matching_expert_with_the_whole_weight():
     assert float(weights[0][ids[0] == -1]) == 0.0
 
 
+@pytest.mark.parametrize("by_name", [True, False])
+def test_a_prompt_the_anchors_miss_is_served_by_the_edited_subject_it_names(by_name):
+    """The anchors key on a subject's hidden states, which carry no context when the subject opens
+    the prompt, so they can miss an edited question. With ``question_gate_by_name`` the gate serves
+    such a prompt the expert whose edit's subject it names (here guessed from the edit prompt:
+    "France"), when the question is that edit's; never a question about another relation, a
+    longer name containing the subject, another subject, or an unrelated prompt."""
+    model, tok, layer = _edited()
+    layer.config = layer.config.replace(gate=True, question_gate_by_name=by_name)
+    layer.set_threshold(0, 2.0)  # above any cosine: the anchors route nothing
+    question_gate.enable(model, tok)
+    cases = ((EDITED, True), ("France's capital city is which city?", True), (OTHER_RELATION, False),
+             ("What is the capital city of New France?", False), ("What is the capital city of Spain?", False),
+             (UNRELATED, False))
+    for prompt, named in cases:
+        (ids, weights), logits = _route_and_logits(model, tok, prompt)
+        with adaptors_disabled(model), torch.no_grad():
+            unedited = model(input_ids=tok([prompt], return_tensors="pt").input_ids).logits
+        served = named and by_name
+        assert int(ids[0, 0]) == (0 if served else -1), prompt
+        if served:
+            assert float(weights[0, 0]) == 1.0
+            assert not torch.equal(logits, unedited), f"{prompt}: the expert changed nothing"
+        else:
+            assert torch.equal(logits, unedited), f"{prompt}: not served, yet the output changed"
+    layer.ledger[0].superseded_by = 2  # a superseded (or removed) edit is never served by its name
+    assert int(_route_and_logits(model, tok, EDITED)[0][0][0, 0]) == -1
+
+
 @pytest.mark.parametrize("selects", [True, False])
 def test_among_experts_of_one_subject_the_gate_serves_the_one_holding_the_question(selects):
     """Two experts keyed on one subject (the same anchor: the anchors cannot tell their facts
     apart, so they send both questions to the same one, whichever it is). With
     ``question_gate_selects`` the gate serves each question the expert holding it; without it, the
-    anchors' choice is checked and the question held by the other expert is dropped."""
+    anchors' choice is checked and the question held by the other expert is dropped (serving it by
+    the subject it names is ``question_gate_by_name``, off here)."""
     model, tok, layer = _edited(experts=2)
     layer.ledger[1].prompt = OTHER_RELATION
     layer.set_anchor(1, layer.anchors[0].clone())
-    layer.config = layer.config.replace(question_gate_selects=selects)
+    layer.config = layer.config.replace(question_gate_selects=selects, question_gate_by_name=False)
     question_gate.enable(model, tok)
     holders = {EDITED: 0, PARAPHRASE: 0, OTHER_RELATION: 1}
     chosen = {prompt: int(layer._route(_query_input(model, tok, prompt))[0][0, 0]) for prompt in holders}
