@@ -167,7 +167,8 @@ class LifelongEditor:
             layer = attach(model, config or LEMoEConfig())
         elif config is not None and config.replace(question_gate=layer.config.question_gate,
                                                    question_gate_margin=layer.config.question_gate_margin,
-                                                   question_gate_selects=layer.config.question_gate_selects
+                                                   question_gate_selects=layer.config.question_gate_selects,
+                                                   question_gate_by_name=layer.config.question_gate_by_name
                                                    ) != layer.config:
             raise ConfigError("the model already carries an adaptor with another config: "
                               "continue with LifelongEditor(model, tokenizer) or detach it first")

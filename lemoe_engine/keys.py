@@ -17,7 +17,9 @@ import re
 from typing import Optional
 
 _OPENERS = frozenset("""what which who whom whose when where why how is are was were did does do
-in the a an of on at to by for name tell give list""".split())
+can could would should will has have had in the a an of on at to by for from with as about after
+before since during if please name tell give list describe explain""".split())
+"""Words that open a question or sentence and are never the first word of a name."""
 _CONNECTORS = frozenset("""of de di da del der den von van la le du and & y al bin el dos das do upon
 on the""".split())
 _WORDS = re.compile(r"[\w'’\-.&]+|\([^)]*\)")
@@ -60,16 +62,26 @@ def guess_subject(prompt: str) -> Optional[str]:
 def names_subject(text: str, subject: str) -> bool:
     """Whether ``text`` names ``subject`` as a whole name, case-sensitively: not inside a longer
     word or hyphenated name, nor inside a longer capitalised name ("Guinea" is not named by
-    "Papua New Guinea", "Ford" not by "Ford Motor Company")."""
+    "Papua New Guinea" or by a prompt opening "Equatorial Guinea", "Ford" not by "Ford Motor
+    Company")."""
     if not subject or subject not in text:
         return False
     pattern = re.compile(r"(?<![\w-])" + re.escape(subject) + r"(?![\w-])")
     return any(not _inside_longer_name(text, m.start(), m.end()) for m in pattern.finditer(text))
 
 
+def named_subjects(text: str, subjects) -> list[str]:
+    """The ``subjects`` that ``text`` names (``names_subject``), less those it names only inside
+    another of them ("Congo" when it asks about "the Republic of the Congo" and both are given)."""
+    named = [s for s in subjects if names_subject(text, s)]
+    return [s for s in named
+            if not any(len(t) > len(s) and s in t and text.count(s) <= text.count(t) * t.count(s) for t in named)]
+
+
 def _inside_longer_name(text: str, start: int, end: int) -> bool:
     """Whether the match ``text[start:end]`` is part of a longer capitalised name: the next word
-    is capitalised, or the previous one is and does not start the sentence."""
+    is capitalised, or the previous one is, unless that one opens the sentence as a question or
+    function word (``_OPENERS``: "What Peru ...", not "South Sudan ...")."""
     after = re.match(r" (\w+)", text[end:])
     if after and after.group(1)[0].isupper():
         return True
@@ -77,4 +89,5 @@ def _inside_longer_name(text: str, start: int, end: int) -> bool:
     if not before or not before.group(1)[0].isupper():
         return False
     head = text[:before.start(1)].rstrip()
-    return bool(head) and not head.endswith((".", "?", "!", ":", '"'))
+    opens_sentence = not head or head.endswith((".", "?", "!", ":", '"'))
+    return not (opens_sentence and before.group(1).lower() in _OPENERS)

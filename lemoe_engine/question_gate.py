@@ -48,7 +48,7 @@ from torch import nn
 from .config import DEFAULT_QUESTION_GATE as DEFAULT_THRESHOLD
 from .errors import ConfigError
 from .layer import LEMoELayer
-from .keys import names_subject
+from .keys import named_subjects
 from .negatives import TEMPLATES, negative_prompts, subject_of
 from .patching import find_layer
 _SENTINEL = "\u2063lemoe-question\u2063"
@@ -128,7 +128,7 @@ class QuestionGate:
         return not len(negatives) or score - float((negatives @ query).max()) >= margin
 
     def named_experts(self, layer, text: str) -> torch.Tensor:
-        """The experts holding an active edit whose subject ``text`` names (``keys.names_subject``;
+        """The experts holding an active edit whose subject ``text`` names (``keys.named_subjects``;
         the record's subject, else the one guessed from its prompt), int64 on the CPU."""
         entries = _entries_on_record(layer)
         signature = tuple((e.subject, e.prompt, e.expert) for e in entries)
@@ -139,8 +139,8 @@ class QuestionGate:
                 if subject:
                     by_subject.setdefault(subject, set()).add(entry.expert)
             self._subjects = (signature, by_subject)
-        found = {e for subject, experts in self._subjects[1].items() if names_subject(text, subject)
-                 for e in experts}
+        by_subject = self._subjects[1]
+        found = {e for subject in named_subjects(text, by_subject) for e in by_subject[subject]}
         return torch.tensor(sorted(found), dtype=torch.long)
 
     def prompt_text(self, token_ids: torch.Tensor) -> str:

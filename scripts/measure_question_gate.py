@@ -9,7 +9,9 @@ This script edits the first T records with the default editor (or loads ``--adap
 ``--save`` what it edited), then evaluates teacher-forced and greedy metrics on the same edited
 model under each ``--settings`` entry: ``off``, ``T`` (cosine alone) or ``T:M`` (cosine and
 margin), each with ``+name`` for ``question_gate_by_name`` (a prompt the anchors miss served by the
-edited subject it names), counting the routes each setting drops and adds by name.
+edited subject it names). Counted per evaluated prompt, summed over the styles: anchored routes,
+those the gate drops, and prompts served by name that the anchors routed nowhere or to a dropped
+route.
 
 Neither ``t`` nor ``m`` may be tuned on the scored records: the defaults (0.72, -0.07) were chosen
 on bundled records 1000-1627, outside every scored set (``scripts/measure_gate_margin.py``;
@@ -89,13 +91,20 @@ def main(argv=None) -> int:
             cosine, _, margin = gate_setting.partition(":")
             gate = question_gate.enable(model, tokenizer, float(cosine), margin=float(margin) if margin else None)
             layer.config = layer.config.replace(question_gate_by_name=by_name == "+name")
-            counts = {"routes": 0, "dropped": 0, "by_name": 0}
+            counts = {"routes": 0, "dropped": 0, "by_name_missed": 0, "by_name_dropped": 0}
 
             def counting(layer, x, ids, weights, gate=gate, counts=counts):
+                # first the gate without serving by name (what it drops), then as configured
+                by_name = layer.config.question_gate_by_name
+                layer.config = layer.config.replace(question_gate_by_name=False)
+                plain_ids, _ = gate(layer, x, ids, weights)
+                layer.config = layer.config.replace(question_gate_by_name=by_name)
                 kept_ids, kept = gate(layer, x, ids, weights)
-                counts["routes"] += int((ids >= 0).sum())
-                counts["dropped"] += int(((ids >= 0) & (kept_ids < 0)).sum())
-                counts["by_name"] += int(((ids < 0) & (kept_ids >= 0)).sum())
+                anchored, plain, served = ids[:, 0] >= 0, plain_ids[:, 0] >= 0, kept_ids[:, 0] >= 0
+                counts["routes"] += int(anchored.sum())
+                counts["dropped"] += int((anchored & ~plain).sum())
+                counts["by_name_missed"] += int((~anchored & served).sum())
+                counts["by_name_dropped"] += int((anchored & ~plain & served).sum())
                 return kept_ids, kept
 
             layer.route_filter = counting

@@ -152,6 +152,12 @@ def test_mean_pooling_editor_and_argument_errors():
     assert editor.layer.num_anchors == 1 and report.n_edits == 2
     with pytest.raises(ConfigError, match="another config"):
         LifelongEditor(model, tok, CONFIG, FAST)
+    # the question gate's fields are serving choices (an older adaptor loads with some off): a config
+    # differing only in them continues the adaptor
+    LifelongEditor(model, tok, config.replace(question_gate=None, question_gate_margin=None,
+                                              question_gate_selects=not config.question_gate_selects,
+                                              question_gate_by_name=not config.question_gate_by_name),
+                   FAST, unrelated_prompts=UNRELATED)
     with pytest.raises(ConfigError, match="at least one"):
         editor.edit_batch([])
     with pytest.raises(ConfigError, match="learning_rate"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lemoe_engine.keys import guess_subject, names_subject
+from lemoe_engine.keys import guess_subject, named_subjects, names_subject
 
 
 @pytest.mark.parametrize("prompt,subject", [
@@ -38,8 +38,22 @@ def test_nothing_to_guess():
     ("Where is Guinea? Papua New Guinea is elsewhere.", "Guinea", True),
     ("New. Guinea borders Mali.", "Guinea", True),                   # a sentence's first word
     ("", "Peru", False),
+    ("South Sudan is located on which continent?", "Sudan", False),  # a longer name opening the prompt
+    ("Equatorial Guinea's capital is which city?", "Guinea", False),
+    ("American Samoa uses which calling code?", "Samoa", False),
+    ("Democratic Republic of the Congo's calling code is what?", "Republic of the Congo", False),
+    ("What Peru exports most is copper.", "Peru", True),             # an opener before it is no name
 ])
 def test_a_subject_is_named_as_a_whole_name(text, subject, named):
     """``names_subject``: the rule that leaves a subject's own questions out of the gate pool and
     lets the question gate serve a prompt by the edited subject it names."""
     assert names_subject(text, subject) is named
+
+
+def test_a_subject_named_only_inside_another_named_subject_is_not_named():
+    subjects = ["Congo", "Republic of the Congo", "Peru"]
+    assert named_subjects("What is the capital of the Republic of the Congo?", subjects) == ["Republic of the Congo"]
+    assert named_subjects("Is the Congo larger than the Republic of the Congo?", subjects) == \
+        ["Congo", "Republic of the Congo"]
+    assert named_subjects("Peru's capital is which city?", subjects) == ["Peru"]
+    assert named_subjects("What is 3 plus 4?", subjects) == []

@@ -92,27 +92,49 @@ def test_a_prompt_the_anchors_miss_is_served_by_the_edited_subject_it_names(by_n
     the prompt, so they can miss an edited question. With ``question_gate_by_name`` the gate serves
     such a prompt the expert whose edit's subject it names (here guessed from the edit prompt:
     "France"), when the question is that edit's; never a question about another relation, a
-    longer name containing the subject, another subject, or an unrelated prompt."""
-    model, tok, layer = _edited()
+    longer name containing the subject, another subject, an unrelated prompt or a superseded edit."""
+    model, tok, layer = _edited(experts=2)
     layer.config = layer.config.replace(gate=True, question_gate_by_name=by_name)
-    layer.set_threshold(0, 2.0)  # above any cosine: the anchors route nothing
+    layer.set_threshold(0, 2.0)  # above any cosine: the anchors never route to the edit's expert
+    layer.set_threshold(1, 2.0)
     question_gate.enable(model, tok)
     cases = ((EDITED, True), ("France's capital city is which city?", True), (OTHER_RELATION, False),
-             ("What is the capital city of New France?", False), ("What is the capital city of Spain?", False),
-             (UNRELATED, False))
+             ("What is the capital city of New France?", False), ("New France's capital city is which city?", False),
+             ("What is the capital city of Spain?", False), (UNRELATED, False))
     for prompt, named in cases:
-        (ids, weights), logits = _route_and_logits(model, tok, prompt)
-        with adaptors_disabled(model), torch.no_grad():
-            unedited = model(input_ids=tok([prompt], return_tensors="pt").input_ids).logits
-        served = named and by_name
-        assert int(ids[0, 0]) == (0 if served else -1), prompt
-        if served:
-            assert float(weights[0, 0]) == 1.0
-            assert not torch.equal(logits, unedited), f"{prompt}: the expert changed nothing"
-        else:
-            assert torch.equal(logits, unedited), f"{prompt}: not served, yet the output changed"
+        _assert_served(model, tok, prompt, 0 if named and by_name else -1)
     layer.ledger[0].superseded_by = 2  # a superseded (or removed) edit is never served by its name
-    assert int(_route_and_logits(model, tok, EDITED)[0][0][0, 0]) == -1
+    _assert_served(model, tok, EDITED, -1)
+
+
+@pytest.mark.parametrize("by_name", [True, False])
+def test_a_route_the_gate_drops_is_served_by_the_edited_subject_the_prompt_names(by_name):
+    """The anchors send the edited question to another expert (here the unrelated edit's, which
+    every prompt reaches); the gate drops that route and, with ``question_gate_by_name``, serves
+    the expert of the subject the prompt names instead."""
+    model, tok, layer = _edited(experts=2)
+    layer.config = layer.config.replace(gate=True, question_gate_by_name=by_name)
+    layer.set_threshold(0, 2.0)
+    layer.set_threshold(1, -2.0)  # every prompt reaches expert 1
+    question_gate.enable(model, tok)
+    assert int(layer._route(_query_input(model, tok, EDITED))[0][0, 0]) == 1
+    _assert_served(model, tok, EDITED, 0 if by_name else -1)
+    _assert_served(model, tok, "How many legs does a spider have?", 1)
+    _assert_served(model, tok, OTHER_RELATION, -1)
+
+
+def _assert_served(model, tok, prompt, expert):
+    """``prompt`` is served by ``expert`` (weight 1, the output changed) or, for -1, by none (the
+    output is the unedited model's, bit for bit)."""
+    (ids, weights), logits = _route_and_logits(model, tok, prompt)
+    with adaptors_disabled(model), torch.no_grad():
+        unedited = model(input_ids=tok([prompt], return_tensors="pt").input_ids).logits
+    assert int(ids[0, 0]) == expert, prompt
+    if expert >= 0:
+        assert float(weights[0, 0]) == 1.0
+        assert not torch.equal(logits, unedited), f"{prompt}: the expert changed nothing"
+    else:
+        assert torch.equal(logits, unedited), f"{prompt}: not served, yet the output changed"
 
 
 @pytest.mark.parametrize("selects", [True, False])
