@@ -256,7 +256,9 @@ class LifelongEditor:
                 subjects.setdefault(subject, []).append(edit)
         prompts: list[str] = []
         for subject, edits in subjects.items():
-            texts = [text for edit in edits for text in (edit.prompt, edit.rephrase)]
+            # the edit prompts only: a record's paraphrase is what a user may ask (and what the
+            # generality metric scores), not a hint at which bank questions to leave out
+            texts = [edit.prompt for edit in edits]
             prompts += negative_prompts(subject, texts, self.editor_config.negatives,
                                         relations=[getattr(edit, "relation", None) for edit in edits])
         return list(dict.fromkeys(prompts + self._forget))

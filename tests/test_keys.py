@@ -15,6 +15,10 @@ from lemoe_engine.keys import guess_subject, named_subjects, names_subject
     ("What is the capital of France?", "France"),
     ("The official language of Peru is", "Peru"),
     ("Who founded Apple Inc.", "Apple Inc"),
+    ("Bulgaria is located on which continent?", "Bulgaria"),        # a prompt opening with its subject
+    ("Peru's capital is which city?", "Peru"),
+    ("Sir Walter Raleigh was born in which country?", "Sir Walter Raleigh"),
+    ("Identify the capital of France.", "France"),                  # on a tie the later name wins
 ])
 def test_guessed_subjects(prompt, subject):
     assert guess_subject(prompt) == subject
