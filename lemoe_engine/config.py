@@ -32,6 +32,11 @@ DEFAULT_QUESTION_GATE_MARGIN = -0.07
 expert's edits than like the expert's negatives (same-subject questions about other relations
 from the ``negatives`` template bank). Chosen with the cosine above."""
 
+DEFAULT_QUESTION_GATE_NAME_FLOOR = 0.55
+"""``LEMoEConfig.question_gate_name_floor``, chosen on bundled records 1000-1627 (outside every
+scored set) as the highest floor of 0.50 / 0.55 / 0.58 that keeps 99.5% of the paraphrases that
+pass the gate's cosine (the sentence encoder alone)."""
+
 
 @dataclass
 class LEMoEConfig:
@@ -121,6 +126,12 @@ class LEMoEConfig:
     gate under *Facts, not just prompts*).
     False: the anchors' choice stands, and the editor groups a subject's edits in one expert.
     Adaptors saved before format 7 load with False."""
+    question_gate_name_floor: Optional[float] = DEFAULT_QUESTION_GATE_NAME_FLOOR
+    """With the question gate on: a kept route must also pass this cosine between the prompt and
+    one of the expert's edit prompts with the edits' subjects replaced by "X" in both. The
+    sentence encoder weighs a rare name heavily in a short sentence ("Is Andorra mentioned often in
+    the news?" is 0.78 from "What is the word for someone from Andorra?"); without the name the
+    question is compared on what it asks. None: off. Adaptors saved before format 9 load with None."""
     question_gate_by_name: bool = True
     """With the question gate on: a prompt that the anchors route to no expert, or whose route
     the gate drops, is served by the expert holding the edit prompt most like it among the
@@ -179,6 +190,11 @@ class LEMoEConfig:
         need(isinstance(self.gate, bool), "gate must be True or False")
         need(isinstance(self.question_gate_selects, bool), "question_gate_selects must be True or False")
         need(isinstance(self.question_gate_by_name, bool), "question_gate_by_name must be True or False")
+        need(self.question_gate_name_floor is None or (isinstance(self.question_gate_name_floor, (int, float))
+                                                        and not isinstance(self.question_gate_name_floor, bool)
+                                                        and -1.0 <= self.question_gate_name_floor <= 1.0),
+             f"question_gate_name_floor must be None (off) or a cosine in [-1, 1], "
+             f"got {self.question_gate_name_floor!r}")
         need(self.question_gate is None or (isinstance(self.question_gate, (int, float))
                                              and not isinstance(self.question_gate, bool)
                                              and -1.0 <= self.question_gate <= 1.0),
@@ -199,6 +215,8 @@ class LEMoEConfig:
         self.gate_margin = float(self.gate_margin)
         if self.question_gate is not None:
             self.question_gate = float(self.question_gate)
+        if self.question_gate_name_floor is not None:
+            self.question_gate_name_floor = float(self.question_gate_name_floor)
         if self.question_gate_margin is not None:
             self.question_gate_margin = float(self.question_gate_margin)
 

@@ -168,7 +168,8 @@ class LifelongEditor:
         elif config is not None and config.replace(question_gate=layer.config.question_gate,
                                                    question_gate_margin=layer.config.question_gate_margin,
                                                    question_gate_selects=layer.config.question_gate_selects,
-                                                   question_gate_by_name=layer.config.question_gate_by_name
+                                                   question_gate_by_name=layer.config.question_gate_by_name,
+                                                   question_gate_name_floor=layer.config.question_gate_name_floor
                                                    ) != layer.config:
             raise ConfigError("the model already carries an adaptor with another config: "
                               "continue with LifelongEditor(model, tokenizer) or detach it first")

@@ -24,7 +24,11 @@ reuse the gated route. With ``LEMoEConfig.question_gate_by_name`` (default, from
 prompt left without a route (the anchors found none, or the gate dropped theirs) is served by the
 expert holding the edit prompt most like it among the experts whose edits' subjects it names as a
 whole name, when that expert passes the same checks: the anchors key on the subject's hidden
-states, which carry no context when the subject opens the prompt. Experts without ledger entries (adaptors made outside the editor) are
+states, which carry no context when the subject opens the prompt. With
+``LEMoEConfig.question_gate_name_floor`` (default 0.55, from format 9 on) every kept route must also
+pass that cosine between the prompt and one of the expert's edit prompts with the edits' subjects
+replaced by "X": a short question is otherwise close to any edit prompt naming the same rare name.
+Experts without ledger entries (adaptors made outside the editor) are
 never gated. Top-k > 1: the weights of the kept slots are renormalised (a softmax over the kept
 experts, as the anchor gate gives).
 
@@ -118,6 +122,26 @@ class QuestionGate:
             self._embedded.update(zip(missing, _embed(missing)))
         return torch.stack([self._embedded[t] for t in texts]) if texts else torch.zeros(0, 1)
 
+    def passes(self, layer, expert: int, score: float, query: torch.Tensor, text: str) -> bool:
+        """The checks after the cosine: the negatives margin, then the name-masked floor."""
+        return (self.clear_of_negatives(layer, expert, score, query)
+                and self.over_name_floor(layer, expert, text))
+
+    def over_name_floor(self, layer, expert: int, text: str) -> bool:
+        """With ``question_gate_name_floor``: the prompt and one of the expert's edit prompts, each
+        with the edits' subjects replaced by "X", are within that cosine: a short question about an
+        edited subject ("Is Andorra often in the news?") is close to any edit prompt naming it
+        only through the name."""
+        floor = layer.config.question_gate_name_floor
+        if floor is None:
+            return True
+        entries = [e for e in _entries_on_record(layer) if e.expert == expert]
+        subjects = sorted({s for s in map(subject_of, entries) if s}, key=len, reverse=True)
+        if not subjects:
+            return True
+        masked = self.embed_once([_masked(e.prompt, subjects) for e in entries])
+        return float((masked @ _embed([_masked(text, subjects)])[0]).max()) >= floor
+
     def clear_of_negatives(self, layer, expert: int, score: float, query: torch.Tensor) -> bool:
         """With ``question_gate_margin``: the prompt (``query``, its best cosine ``score`` to the
         expert's edit prompts) is not more than ``-margin`` closer to one of its negatives."""
@@ -187,7 +211,7 @@ class QuestionGate:
         best = per_expert.gather(1, slot)
         keep = (ids >= 0) & (best >= self.threshold)
         for b, k in keep.nonzero().tolist():  # ... and not more like one of its same-subject negatives
-            keep[b, k] = self.clear_of_negatives(layer, int(ids[b, k]), float(best[b, k]), queries[b])
+            keep[b, k] = self.passes(layer, int(ids[b, k]), float(best[b, k]), queries[b], texts[b])
         if layer.config.routes_by_name:  # what the anchors miss: the expert of the subject the prompt names
             ids, weights = ids.clone(), weights.clone()
             for b in (~keep.any(dim=1)).nonzero().flatten().tolist():
@@ -196,7 +220,7 @@ class QuestionGate:
                     continue
                 expert = int(named[per_expert[b, named.to(per_expert.device)].argmax()])
                 score = float(per_expert[b, expert])
-                if score >= self.threshold and self.clear_of_negatives(layer, expert, score, queries[b]):
+                if score >= self.threshold and self.passes(layer, expert, score, queries[b], texts[b]):
                     ids[b], weights[b], keep[b] = -1, 0.0, False
                     ids[b, 0], weights[b, 0], keep[b, 0] = expert, 1.0, True
         kept = torch.where(keep, weights, torch.zeros_like(weights))
@@ -218,6 +242,13 @@ def encoder_available() -> bool:
     except ConfigError:
         return False
     return True
+
+
+def _masked(text: str, subjects: list[str]) -> str:
+    """``text`` with each of ``subjects`` (longest first) replaced by "X"."""
+    for subject in subjects:
+        text = text.replace(subject, "X")
+    return text
 
 
 def _entries_on_record(layer: LEMoELayer) -> list:

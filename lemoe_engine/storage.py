@@ -38,8 +38,9 @@ from .layer import LEMoELayer
 from .ledger import entries_from_manifest
 from .patching import attach, base_identity, find_layer
 
-FORMAT_VERSION = 8
-"""Version written. 8 added ``config.question_gate_by_name`` (the gate serves a prompt the anchors
+FORMAT_VERSION = 9
+"""Version written. 9 added ``config.question_gate_name_floor`` (the gate also compares the prompt
+and the edit prompts with their subjects masked; versions 1-8 load with it off). 8 added ``config.question_gate_by_name`` (the gate serves a prompt the anchors
 miss by the edited subject it names; versions 1-7 load with it off, as they were served). 7 added ``config.question_gate_selects`` (the gate picks, among the experts
 keyed on one subject, the one holding the question asked; versions 1-6 load with it off, as they
 were served). 6 added ``config.question_gate_margin`` (the gate also compares a prompt with
@@ -50,7 +51,7 @@ keys. 3 added ``config.expert_span`` (experts act from
 their key token on, by default); versions 1-2 load with ``expert_span='prompt'``, the only
 behaviour they knew. 2 added ``revision``, ``manifest_sha256`` and the edit ledger (``edits``);
 version 1 loads with an empty ledger."""
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 TENSORS_FILE = "adaptor.safetensors"
 MANIFEST_FILE = "adaptor.json"
 ADAPTOR_FILES = (MANIFEST_FILE, TENSORS_FILE)
@@ -390,6 +391,8 @@ def saved_config(manifest: dict) -> Any:
         config = {"question_gate_selects": False, **config}
     if isinstance(config, dict) and version < 8:
         config = {"question_gate_by_name": False, **config}
+    if isinstance(config, dict) and version < 9:
+        config = {"question_gate_name_floor": None, **config}
     return config
 
 

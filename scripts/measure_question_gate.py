@@ -9,7 +9,8 @@ This script edits the first T records with the default editor (or loads ``--adap
 ``--save`` what it edited), then evaluates teacher-forced and greedy metrics on the same edited
 model under each ``--settings`` entry: ``off``, ``T`` (cosine alone) or ``T:M`` (cosine and
 margin), each with ``+name`` for ``question_gate_by_name`` (a prompt the anchors miss served by the
-edited subject it names). Counted per evaluated prompt, summed over the styles: anchored routes,
+edited subject it names) and ``+floorF`` for ``question_gate_name_floor=F`` (the name-masked
+cosine floor; without it, off). Counted per evaluated prompt, summed over the styles: anchored routes,
 those the gate drops, and prompts served by name that the anchors routed nowhere or to a dropped
 route.
 
@@ -18,7 +19,7 @@ on bundled records 1000-1627, outside every scored set (``scripts/measure_gate_m
 README, *Question gate*).
 
     python scripts/measure_question_gate.py --limit 100 [--edits FILE] [--save DIR | --adaptor DIR]
-        [--settings off,0.72:-0.07,0.72:-0.07+name] [--styles tf,gen] [--no-select]
+        [--settings off,0.72:-0.07+name,0.72:-0.07+name+floor0.55] [--styles tf,gen] [--no-select]
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edits", default=str(BUNDLED_EDITS))
     parser.add_argument("--limit", type=int, default=100)
-    parser.add_argument("--settings", default="off,0.72:-0.07,0.72:-0.07+name")
+    parser.add_argument("--settings", default="off,0.72:-0.07+name,0.72:-0.07+name+floor0.55")
     parser.add_argument("--styles", default="tf,gen")
     parser.add_argument("--adaptor", default=None, help="evaluate this saved adaptor instead of editing")
     parser.add_argument("--save", default=None, help="save the edited adaptor here")
@@ -87,10 +88,12 @@ def main(argv=None) -> int:
         if setting == "off":
             question_gate.disable(model)
         else:
-            gate_setting, by_name, _ = setting.partition("+name")
+            gate_setting, *extras = setting.split("+")
             cosine, _, margin = gate_setting.partition(":")
             gate = question_gate.enable(model, tokenizer, float(cosine), margin=float(margin) if margin else None)
-            layer.config = layer.config.replace(question_gate_by_name=by_name == "+name")
+            floors = [float(x[len("floor"):]) for x in extras if x.startswith("floor")]
+            layer.config = layer.config.replace(question_gate_by_name="name" in extras,
+                                                question_gate_name_floor=floors[0] if floors else None)
             counts = {"routes": 0, "dropped": 0, "by_name_missed": 0, "by_name_dropped": 0}
 
             def counting(layer, x, ids, weights, gate=gate, counts=counts):

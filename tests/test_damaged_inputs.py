@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import lemoe_engine.storage as storage
 from lemoe_engine import AdaptorError, detach, find_layer, load, save
-from lemoe_engine.config import DEFAULT_QUESTION_GATE, DEFAULT_QUESTION_GATE_MARGIN
+from lemoe_engine.config import DEFAULT_QUESTION_GATE, DEFAULT_QUESTION_GATE_MARGIN, DEFAULT_QUESTION_GATE_NAME_FLOOR
 from lemoe_engine.data import EditRecord, load_edits
 from lemoe_engine.errors import EditDataError
 from test_storage import edited_model
@@ -258,28 +258,33 @@ def test_version_2_adaptor_loads_with_experts_on_every_token(adaptor, tmp_path):
                               question_gate=new.config.question_gate,
                               question_gate_margin=new.config.question_gate_margin,
                               question_gate_selects=new.config.question_gate_selects,
-                              question_gate_by_name=new.config.question_gate_by_name) == new.config
+                              question_gate_by_name=new.config.question_gate_by_name,
+                              question_gate_name_floor=new.config.question_gate_name_floor) == new.config
 
 
-GATE, MARGIN = DEFAULT_QUESTION_GATE, DEFAULT_QUESTION_GATE_MARGIN  # what the fixture adaptor was saved with
+GATE, MARGIN, FLOOR = (DEFAULT_QUESTION_GATE, DEFAULT_QUESTION_GATE_MARGIN,  # what the fixture adaptor
+                       DEFAULT_QUESTION_GATE_NAME_FLOOR)                      # was saved with
 
 
 @pytest.mark.parametrize("version,fields,saved,loaded", [
-    (3, ("query_window", "question_gate", "question_gate_margin", "question_gate_selects", "question_gate_by_name"),
-     (3, GATE, MARGIN, True, True), (1, None, None, False, False)),
-    (4, ("question_gate", "question_gate_margin", "question_gate_selects", "question_gate_by_name"),
-     (GATE, MARGIN, True, True), (None, None, False, False)),
-    (5, ("question_gate_margin", "question_gate_selects", "question_gate_by_name"), (MARGIN, True, True),
-     (None, False, False)),
-    (6, ("question_gate_selects", "question_gate_by_name"), (True, True), (False, False)),
-    (7, ("question_gate_by_name",), (True,), (False,))])
+    (3, ("query_window", "question_gate", "question_gate_margin", "question_gate_selects", "question_gate_by_name",
+         "question_gate_name_floor"), (3, GATE, MARGIN, True, True, FLOOR), (1, None, None, False, False, None)),
+    (4, ("question_gate", "question_gate_margin", "question_gate_selects", "question_gate_by_name",
+         "question_gate_name_floor"), (GATE, MARGIN, True, True, FLOOR), (None, None, False, False, None)),
+    (5, ("question_gate_margin", "question_gate_selects", "question_gate_by_name", "question_gate_name_floor"),
+     (MARGIN, True, True, FLOOR), (None, False, False, None)),
+    (6, ("question_gate_selects", "question_gate_by_name", "question_gate_name_floor"), (True, True, FLOOR),
+     (False, False, None)),
+    (7, ("question_gate_by_name", "question_gate_name_floor"), (True, FLOOR), (False, None)),
+    (8, ("question_gate_name_floor",), (FLOOR,), (None,))])
 def test_older_adaptors_load_as_they_were_made(adaptor, tmp_path, version, fields, saved, loaded):
     """Format 3 had no ``query_window``: its anchors and gates were made from single-token
     queries, so it loads with ``query_window=1`` and routes as it did. Format 4 had no
     ``question_gate``: its adaptors were served without it, and still are. Format 5 had the gate
     but no ``question_gate_margin``: it keeps its cosine and is served without the margin. Format
     6 had no ``question_gate_selects``: its gate checks the expert the anchors chose, as it did.
-    Format 7 had no ``question_gate_by_name``: its gate serves only what the anchors route."""
+    Format 7 had no ``question_gate_by_name``: its gate serves only what the anchors route. Format 8
+    had no ``question_gate_name_floor``: its gate compares unmasked prompts only."""
     path, _ = adaptor
     copy = tmp_path / f"v{version}"
     shutil.copytree(path, copy)

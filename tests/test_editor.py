@@ -156,7 +156,8 @@ def test_mean_pooling_editor_and_argument_errors():
     # differing only in them continues the adaptor
     LifelongEditor(model, tok, config.replace(question_gate=None, question_gate_margin=None,
                                               question_gate_selects=not config.question_gate_selects,
-                                              question_gate_by_name=not config.question_gate_by_name),
+                                              question_gate_by_name=not config.question_gate_by_name,
+                                              question_gate_name_floor=None),
                    FAST, unrelated_prompts=UNRELATED)
     with pytest.raises(ConfigError, match="at least one"):
         editor.edit_batch([])

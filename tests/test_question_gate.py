@@ -137,6 +137,21 @@ def _assert_served(model, tok, prompt, expert):
         assert torch.equal(logits, unedited), f"{prompt}: not served, yet the output changed"
 
 
+@pytest.mark.parametrize("floor", [None, 0.55])
+def test_the_name_floor_drops_a_short_question_close_to_an_edit_only_through_the_name(floor):
+    """The sentence encoder weighs a rare name heavily in a short sentence: "Is Andorra mentioned
+    often in the news?" is within the gate's cosine of "What is the word for someone from
+    Andorra?". With ``question_gate_name_floor`` the two are also compared with the subject masked,
+    and only the edit's own question (any wording) stays served (margin off: the floor alone)."""
+    model, tok, layer = _edited()
+    layer.ledger[0].prompt = "What is the word for someone from Andorra?"
+    layer.config = layer.config.replace(question_gate_by_name=False, question_gate_name_floor=floor)
+    question_gate.enable(model, tok, margin=None)
+    _assert_served(model, tok, "What do you call a person from Andorra?", 0)
+    _assert_served(model, tok, "Andorra's people are called what?", 0)
+    _assert_served(model, tok, "Is Andorra mentioned often in the news?", -1 if floor is not None else 0)
+
+
 @pytest.mark.parametrize("selects", [True, False])
 def test_among_experts_of_one_subject_the_gate_serves_the_one_holding_the_question(selects):
     """Two experts keyed on one subject (the same anchor: the anchors cannot tell their facts

@@ -33,7 +33,7 @@ def test_round_trip_is_bit_exact(saved):
     model, layer, path = saved
     assert sorted(p.name for p in path.iterdir()) == ["adaptor.json", "adaptor.safetensors"]
     manifest = json.loads((path / "adaptor.json").read_text())
-    assert manifest["format_version"] == 8 and manifest["base_model"]["architecture"] == "llama"
+    assert manifest["format_version"] == 9 and manifest["base_model"]["architecture"] == "llama"
     assert manifest["config"]["expert_span"] == "key" and manifest["config"]["query_window"] == 3
     assert manifest["revision"] == 1
     assert [e["n_edits"] for e in manifest["experts"]] == [10, 11, 12]
@@ -109,7 +109,7 @@ def test_unknown_version_missing_files_and_double_attach(saved, tmp_path):
     manifest["format_version"] = 99
     (path / "adaptor.json").write_text(json.dumps(manifest))
     fresh = tiny_model("llama")
-    with pytest.raises(AdaptorError, match="version 99.*reads versions 1, 2, 3, 4, 5, 6, 7, 8"):
+    with pytest.raises(AdaptorError, match="version 99.*reads versions 1, 2, 3, 4, 5, 6, 7, 8, 9"):
         load(fresh, path)
     _assert_unchanged(fresh)
     with pytest.raises(AdaptorError, match="does not exist"):
@@ -117,7 +117,7 @@ def test_unknown_version_missing_files_and_double_attach(saved, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdaptorError, match="adaptor.json is missing"):
         load(fresh, tmp_path / "empty")
-    manifest["format_version"] = 8
+    manifest["format_version"] = 9
     (path / "adaptor.json").write_text(json.dumps(manifest))
     with pytest.raises(AdaptorError, match="already"):
         load(model, path)
