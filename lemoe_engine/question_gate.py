@@ -87,7 +87,7 @@ class QuestionGate:
     def expert_negatives(self, layer, expert: int) -> torch.Tensor:
         """Embeddings [M, d] of the expert's negatives (``subject_negatives`` of each subject of
         its active edits), made once per expert (and again when its ledger entries change)."""
-        entries = [e for e in layer.ledger if e.active and e.expert == expert]
+        entries = _expert_entries(layer, expert)
         signature = tuple((e.prompt, e.subject, e.relation) for e in entries)
         cached = self._negatives.get(expert)
         if cached is None or cached[0] != signature:
@@ -135,7 +135,7 @@ class QuestionGate:
         floor = layer.config.question_gate_name_floor
         if floor is None:
             return True
-        entries = [e for e in _entries_on_record(layer) if e.expert == expert]
+        entries = _expert_entries(layer, expert)
         subjects = sorted({s for s in map(subject_of, entries) if s}, key=len, reverse=True)
         if not subjects:
             return True
@@ -254,6 +254,11 @@ def _masked(text: str, subjects: list[str]) -> str:
 def _entries_on_record(layer: LEMoELayer) -> list:
     """The active edits of the ledger held by an expert of ``layer``."""
     return [e for e in layer.ledger if e.active and e.expert is not None and 0 <= e.expert < layer.num_experts]
+
+
+def _expert_entries(layer: LEMoELayer, expert: int) -> list:
+    """The active edits of the ledger held by ``expert``."""
+    return [e for e in _entries_on_record(layer) if e.expert == expert]
 
 
 def _questions_on_record(layer: LEMoELayer) -> list[tuple[str, int]]:
