@@ -23,6 +23,7 @@ SECTIONS = (
     ("layer", "Layer latency: LEMoE layer (base LLaMA MLP + experts) vs the bare base MLP"),
     ("end_to_end", "End to end: edited vs unedited model"),
     ("editing", "Editing throughput: blocked training vs one expert at a time"),
+    ("question_gate", "Prefill with the question gate on vs off"),
 )
 GPU_COMMAND = "bash benchmarks/gpu_run.sh"
 
@@ -185,6 +186,22 @@ def e2e_table(rows: list[dict], gpu: bool) -> list[str]:
     return _table(header, out)
 
 
+def question_gate_table(rows: list[dict], gpu: bool) -> list[str]:
+    header = ["T (ledger entries)", "experts", "batch", "prompt tokens", "variant", "median", "paired on / off",
+              "paired on", "paired off", "one encoder call over the prompts"]
+
+    def time(v):
+        return "-" if v is None else _us(v) + (" µs" if v < 1e5 else "")
+    out = []
+    for r in sorted(rows, key=lambda r: (r["shapes"]["T"], r["shapes"].get("batch", 1), r["case"])):
+        s = r["shapes"]
+        out.append([str(s["T"]), str(s["experts"]), str(s.get("batch", 1)), str(s["prompt_tokens"]),
+                    r["case"].split("-", 2)[2], time(r["median_us"]),
+                    f"{r['paired_ratio_on_vs_off']:.3f}x" if r.get("paired_ratio_on_vs_off") else "-",
+                    time(r.get("paired_on_us")), time(r.get("paired_off_us")), time(r.get("encoder_us"))])
+    return _table(header, out)
+
+
 SHAPES_TEXT = {
     "routing": "queries S x d and anchors E x d (unit-norm fp32), d = 4096, top_k = 2, temperature 0.1, "
                "random thresholds (some slots gated)",
@@ -219,6 +236,12 @@ SHAPES_TEXT = {
                "(one expert each), blocked only, stop rule on the target's argmax (a random model cannot "
                "reach a low loss); its locality and generality say little (a random model's query vectors "
                "hardly separate prompts, so the gate cannot), only reliability and time are its figures",
+    "question_gate": "the bundled SmolLM2-135M (fp32) with an adaptor whose ledger holds the first T bundled "
+                     "edits, one random expert per subject, anchor gates open; prefill of B edited questions "
+                     "(distinct subjects, padded), which the gate serves by the subjects they name (two encoder "
+                     "calls per batch, the ledger check, the negatives margin and the name floor); 'paired on / "
+                     "off': median time with the gate on over the same adaptor with it off, in 5 alternating "
+                     "pairs; the last column: MiniLM-L6 over the prompts alone",
 }
 MODEL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """Rows written before 'train_dtype' was recorded trained in the model's dtype."""
@@ -254,7 +277,7 @@ def editing_table(rows: list[dict], gpu: bool) -> list[str]:
 
 
 TABLES = {"routing": routing_table, "routing_default": routing_default_table, "layer": layer_table,
-          "end_to_end": e2e_table, "editing": editing_table}
+          "end_to_end": e2e_table, "editing": editing_table, "question_gate": question_gate_table}
 
 
 def render(data: dict) -> str:

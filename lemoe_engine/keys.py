@@ -67,18 +67,28 @@ def names_subject(text: str, subject: str) -> bool:
     word or hyphenated name, nor inside a longer capitalised name ("Guinea" is not named by
     "Papua New Guinea" or by a prompt opening "Equatorial Guinea", "Ford" not by "Ford Motor
     Company")."""
-    if not subject or subject not in text:
-        return False
-    pattern = re.compile(r"(?<![\w-])" + re.escape(subject) + r"(?![\w-])")
-    return any(not _inside_longer_name(text, m.start(), m.end()) for m in pattern.finditer(text))
+    return bool(_name_spans(text, subject))
 
 
 def named_subjects(text: str, subjects) -> list[str]:
     """The ``subjects`` that ``text`` names (``names_subject``), less those it names only inside
     another of them ("Congo" when it asks about "the Republic of the Congo" and both are given)."""
-    named = [s for s in subjects if names_subject(text, s)]
-    return [s for s in named
-            if not any(len(t) > len(s) and s in t and text.count(s) <= text.count(t) * t.count(s) for t in named)]
+    spans = {s: _name_spans(text, s) for s in dict.fromkeys(subjects)}
+    spans = {s: found for s, found in spans.items() if found}
+    every = [span for found in spans.values() for span in found]
+
+    def inside_another(span: tuple[int, int]) -> bool:
+        return any(o[0] <= span[0] and span[1] <= o[1] and o[1] - o[0] > span[1] - span[0] for o in every)
+
+    return [s for s, found in spans.items() if not all(map(inside_another, found))]
+
+
+def _name_spans(text: str, subject: str) -> list[tuple[int, int]]:
+    """The (start, end) of each place where ``text`` names ``subject`` (``names_subject``)."""
+    if not subject or subject not in text:
+        return []
+    pattern = re.compile(r"(?<![\w-])" + re.escape(subject) + r"(?![\w-])")
+    return [m.span() for m in pattern.finditer(text) if not _inside_longer_name(text, m.start(), m.end())]
 
 
 def _inside_longer_name(text: str, start: int, end: int) -> bool:

@@ -53,19 +53,27 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return _module_at(model, _architecture(model)[0])
 
 
+def layer_index(model: nn.Module, layer: nn.Module) -> int:
+    """The position in ``decoder_layers(model)`` of the decoder layer whose MLP is ``layer``."""
+    for i, block in enumerate(decoder_layers(model)):
+        if block.mlp is layer:
+            return i
+    raise ConfigError("this adaptor layer is not attached to the model: attach or load it first")
+
+
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm applied to the last hidden state before the LM head."""
     return _module_at(model, _architecture(model)[1])
 
 
-def base_identity(model: nn.Module, layer_index: int) -> dict:
+def base_identity(model: nn.Module, index: int) -> dict:
     """What an adaptor must match to be loaded onto ``model``."""
     config = model.config
     return {
         "architecture": config.model_type,
         "hidden_size": int(config.hidden_size),
         "num_layers": len(decoder_layers(model)),
-        "layer": layer_index,
+        "layer": index,
         "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
     }
 

@@ -58,6 +58,66 @@ from .patching import find_layer
 _SENTINEL = "\u2063lemoe-question\u2063"
 
 
+class LedgerView:
+    """The active edits on record of a layer's ledger, grouped once per ledger change, with what
+    the gate derives from them (each made on first use): one scan of the ledger per prefill call
+    tells whether it changed, instead of one per use (the edit prompts, the subjects a prompt
+    names, the negatives and name floor of every kept route)."""
+
+    def __init__(self, entries: list, embed) -> None:
+        self.signature = tuple((e.prompt, e.subject, e.relation, e.expert) for e in entries)
+        self.by_expert: dict[int, list] = {}
+        for entry in entries:
+            self.by_expert.setdefault(entry.expert, []).append(entry)
+        self._entries = entries
+        self._embed = embed
+        self._questions: Optional[tuple] = None
+        self._by_subject: Optional[dict] = None
+        self._negatives: dict[tuple[int, float], torch.Tensor] = {}  # (expert, gate cosine) -> negatives
+        self._subjects_of: dict[int, list] = {}
+
+    def questions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [N, d] of the active edits' prompts and the expert holding each [N]."""
+        if self._questions is None:
+            prompts = [e.prompt for e in self._entries]
+            embeddings = self._embed(prompts) if prompts else torch.zeros(0, 1)
+            self._questions = (embeddings, torch.tensor([e.expert for e in self._entries], dtype=torch.long))
+        return self._questions
+
+    def by_subject(self) -> dict[str, set]:
+        """subject -> the experts holding its active edits (the record's subject, else the guess)."""
+        if self._by_subject is None:
+            self._by_subject = {}
+            for entry in self._entries:
+                subject = subject_of(entry)
+                if subject:
+                    self._by_subject.setdefault(subject, set()).add(entry.expert)
+        return self._by_subject
+
+    def subjects_of(self, expert: int) -> list[str]:
+        """The subjects of ``expert``'s active edits, longest first (``_masked`` replaces them so)."""
+        if expert not in self._subjects_of:
+            found = {s for s in map(subject_of, self.by_expert.get(expert, [])) if s}
+            self._subjects_of[expert] = sorted(found, key=len, reverse=True)
+        return self._subjects_of[expert]
+
+    def negatives(self, expert: int, threshold: float) -> torch.Tensor:
+        """Embeddings [M, d] of ``expert``'s negatives (``subject_negatives`` of each subject of
+        its active edits; ``threshold``: the gate's cosine, which leaves out negatives it would take
+        for an edit when the edits name no relation)."""
+        if (expert, threshold) not in self._negatives:
+            subjects: dict[str, list] = {}
+            for entry in self.by_expert.get(expert, []):
+                subject = subject_of(entry)
+                if subject:
+                    subjects.setdefault(subject, []).append(entry)
+            parts = [subject_negatives(subject, group, threshold, embed=self._embed)
+                     for subject, group in subjects.items()]
+            parts = [part for part in parts if len(part)]
+            self._negatives[expert, threshold] = torch.cat(parts) if parts else torch.zeros(0, 1)
+        return self._negatives[expert, threshold]
+
+
 class QuestionGate:
     """The route filter ``enable`` installs on a layer (see the module docstring)."""
 
@@ -66,42 +126,18 @@ class QuestionGate:
             raise ConfigError(f"question gate threshold must be a cosine in [-1, 1], got {threshold!r}")
         self.tokenizer = tokenizer
         self.threshold = float(threshold)
-        self._questions: Optional[tuple] = None  # (ledger signature, embeddings [N, d], owner [N])
-        self._negatives: dict[int, tuple] = {}  # expert -> (its ledger signature, embeddings [M, d])
+        self._view: Optional[LedgerView] = None
         self._siblings: tuple = (None, {})  # (anchor table signature, expert -> same-key experts)
-        self._subjects: tuple = (None, {})  # (ledger signature, subject -> experts holding its edits)
-        self._embedded: dict[str, torch.Tensor] = {}  # text -> its embedding (negatives)
+        self._embedded: dict[str, torch.Tensor] = {}  # text -> its embedding (edit prompts, negatives)
         self._chat = _chat_affixes(tokenizer)
 
-    def expert_questions(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings [N, d] of the active edits' prompts and the expert holding each [N]."""
-        active = _questions_on_record(layer)
-        signature = tuple(active)
-        if self._questions is None or self._questions[0] != signature:
-            prompts = [p for p, _ in active]
-            embeddings = _embed(prompts) if prompts else torch.zeros(0, 1)
-            owner = torch.tensor([e for _, e in active], dtype=torch.long)
-            self._questions = (signature, embeddings, owner)
-        return self._questions[1], self._questions[2]
-
-    def expert_negatives(self, layer, expert: int) -> torch.Tensor:
-        """Embeddings [M, d] of the expert's negatives (``subject_negatives`` of each subject of
-        its active edits), made once per expert (and again when its ledger entries change)."""
-        entries = _expert_entries(layer, expert)
-        signature = tuple((e.prompt, e.subject, e.relation) for e in entries)
-        cached = self._negatives.get(expert)
-        if cached is None or cached[0] != signature:
-            subjects: dict[str, list] = {}
-            for entry in entries:
-                subject = subject_of(entry)
-                if subject:
-                    subjects.setdefault(subject, []).append(entry)
-            parts = [subject_negatives(subject, group, self.threshold, embed=self.embed_once)
-                     for subject, group in subjects.items()]
-            parts = [part for part in parts if len(part)]
-            cached = (signature, torch.cat(parts) if parts else torch.zeros(0, 1))
-            self._negatives[expert] = cached
-        return cached[1]
+    def ledger_view(self, layer) -> LedgerView:
+        """The layer's active ledger entries as a ``LedgerView``, made again when they changed."""
+        entries = _entries_on_record(layer)
+        signature = tuple((e.prompt, e.subject, e.relation, e.expert) for e in entries)
+        if self._view is None or self._view.signature != signature:
+            self._view = LedgerView(entries, self.embed_once)
+        return self._view
 
     def siblings(self, layer, expert: int) -> torch.Tensor:
         """``same_key_experts(layer, expert)``, cached until the anchor table changes."""
@@ -115,55 +151,52 @@ class QuestionGate:
         return found[expert]
 
     def embed_once(self, texts: list[str]) -> torch.Tensor:
-        """``_embed``, each text embedded once per gate: a subject's experts share most of their
-        negatives (one expert per edit, ~4 edits per subject at T=1000 on the bundled set)."""
+        """``_embed``, each text embedded once per gate: edit prompts stay when the ledger changes
+        around them, and a subject's experts share most of their negatives (one expert per edit,
+        ~4 edits per subject at T=1000 on the bundled set)."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._embedded))
         if missing:
             self._embedded.update(zip(missing, _embed(missing)))
         return torch.stack([self._embedded[t] for t in texts]) if texts else torch.zeros(0, 1)
 
-    def passes(self, layer, expert: int, score: float, query: torch.Tensor, text: str) -> bool:
-        """The checks after the cosine: the negatives margin, then the name-masked floor."""
-        return (self.clear_of_negatives(layer, expert, score, query)
-                and self.over_name_floor(layer, expert, text))
+    def passes(self, layer, view: LedgerView, checks: list[tuple[int, int, float]], queries: torch.Tensor,
+               texts: list[str]) -> list[bool]:
+        """The checks after the cosine, for each (sequence, expert, its best cosine) of ``checks``:
+        the negatives margin, then the name-masked floor (one encoder call for all of them)."""
+        clear = [self.clear_of_negatives(layer, view, e, score, queries[b]) for b, e, score in checks]
+        floored = iter(self.over_name_floor(layer, view, [(e, texts[b]) for (b, e, _), ok in zip(checks, clear) if ok]))
+        return [ok and next(floored) for ok in clear]
 
-    def over_name_floor(self, layer, expert: int, text: str) -> bool:
-        """With ``question_gate_name_floor``: the prompt and one of the expert's edit prompts, each
-        with the edits' subjects replaced by "X", are within that cosine: a short question about an
-        edited subject ("Is Andorra often in the news?") is close to any edit prompt naming it
-        only through the name."""
+    def over_name_floor(self, layer, view: LedgerView, pairs: list[tuple[int, str]]) -> list[bool]:
+        """With ``question_gate_name_floor``, for each (expert, prompt) of ``pairs``: the prompt and
+        one of the expert's edit prompts, each with the edits' subjects replaced by "X", are within
+        that cosine: a short question about an edited subject ("Is Andorra often in the news?") is
+        close to any edit prompt naming it only through the name. The masked prompts of a batch
+        are embedded in one call."""
         floor = layer.config.question_gate_name_floor
-        if floor is None:
-            return True
-        entries = _expert_entries(layer, expert)
-        subjects = sorted({s for s in map(subject_of, entries) if s}, key=len, reverse=True)
-        if not subjects:
-            return True
-        masked = self.embed_once([_masked(e.prompt, subjects) for e in entries])
-        return float((masked @ _embed([_masked(text, subjects)])[0]).max()) >= floor
+        verdicts = [True] * len(pairs)
+        masked = [(i, e, view.subjects_of(e), text) for i, (e, text) in enumerate(pairs)] if floor is not None else []
+        masked = [row for row in masked if row[2]]
+        if masked:
+            asked = _embed([_masked(text, subjects) for _, _, subjects, text in masked])
+            for (i, e, subjects, _), query in zip(masked, asked):
+                edits = self.embed_once([_masked(entry.prompt, subjects) for entry in view.by_expert[e]])
+                verdicts[i] = float((edits @ query).max()) >= floor
+        return verdicts
 
-    def clear_of_negatives(self, layer, expert: int, score: float, query: torch.Tensor) -> bool:
+    def clear_of_negatives(self, layer, view: LedgerView, expert: int, score: float, query: torch.Tensor) -> bool:
         """With ``question_gate_margin``: the prompt (``query``, its best cosine ``score`` to the
         expert's edit prompts) is not more than ``-margin`` closer to one of its negatives."""
         margin = layer.config.question_gate_margin
         if margin is None:
             return True
-        negatives = self.expert_negatives(layer, expert)
+        negatives = view.negatives(expert, self.threshold)
         return not len(negatives) or score - float((negatives @ query).max()) >= margin
 
-    def named_experts(self, layer, text: str) -> torch.Tensor:
+    def named_experts(self, view: LedgerView, text: str) -> torch.Tensor:
         """The experts holding an active edit whose subject ``text`` names (``keys.named_subjects``;
         the record's subject, else the one guessed from its prompt), int64 on the CPU."""
-        entries = _entries_on_record(layer)
-        signature = tuple((e.subject, e.prompt, e.expert) for e in entries)
-        if self._subjects[0] != signature:
-            by_subject: dict[str, set] = {}
-            for entry in entries:
-                subject = subject_of(entry)
-                if subject:
-                    by_subject.setdefault(subject, set()).add(entry.expert)
-            self._subjects = (signature, by_subject)
-        by_subject = self._subjects[1]
+        by_subject = view.by_subject()
         found = {e for subject in named_subjects(text, by_subject) for e in by_subject[subject]}
         return torch.tensor(sorted(found), dtype=torch.long)
 
@@ -181,7 +214,8 @@ class QuestionGate:
     def __call__(self, layer, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
         if not layer.config.gates_questions:  # the config is the switch (a stale filter does nothing)
             return ids, weights
-        embeddings, owner = self.expert_questions(layer)
+        view = self.ledger_view(layer)
+        embeddings, owner = view.questions()
         if not len(owner):
             return ids, weights
         tokens = layer._context.input_ids
@@ -210,17 +244,21 @@ class QuestionGate:
         slot = ids.long().clamp_min(0)
         best = per_expert.gather(1, slot)
         keep = (ids >= 0) & (best >= self.threshold)
-        for b, k in keep.nonzero().tolist():  # ... and not more like one of its same-subject negatives
-            keep[b, k] = self.passes(layer, int(ids[b, k]), float(best[b, k]), queries[b], texts[b])
+        pairs = keep.nonzero().tolist()  # ... and not more like one of its same-subject negatives
+        checks = [(b, int(ids[b, k]), float(best[b, k])) for b, k in pairs]
+        for (b, k), ok in zip(pairs, self.passes(layer, view, checks, queries, texts)):
+            keep[b, k] = ok
         if layer.config.routes_by_name:  # what the anchors miss: the expert of the subject the prompt names
-            ids, weights = ids.clone(), weights.clone()
+            checks = []
             for b in (~keep.any(dim=1)).nonzero().flatten().tolist():
-                named = self.named_experts(layer, texts[b])
-                if not len(named):
-                    continue
-                expert = int(named[per_expert[b, named.to(per_expert.device)].argmax()])
-                score = float(per_expert[b, expert])
-                if score >= self.threshold and self.passes(layer, expert, score, queries[b], texts[b]):
+                named = self.named_experts(view, texts[b])
+                if len(named):
+                    expert = int(named[per_expert[b, named.to(per_expert.device)].argmax()])
+                    if float(per_expert[b, expert]) >= self.threshold:
+                        checks.append((b, expert, float(per_expert[b, expert])))
+            ids, weights = ids.clone(), weights.clone()
+            for (b, expert, _), ok in zip(checks, self.passes(layer, view, checks, queries, texts)):
+                if ok:
                     ids[b], weights[b], keep[b] = -1, 0.0, False
                     ids[b, 0], weights[b, 0], keep[b, 0] = expert, 1.0, True
         kept = torch.where(keep, weights, torch.zeros_like(weights))
@@ -254,11 +292,6 @@ def _masked(text: str, subjects: list[str]) -> str:
 def _entries_on_record(layer: LEMoELayer) -> list:
     """The active edits of the ledger held by an expert of ``layer``."""
     return [e for e in layer.ledger if e.active and e.expert is not None and 0 <= e.expert < layer.num_experts]
-
-
-def _expert_entries(layer: LEMoELayer, expert: int) -> list:
-    """The active edits of the ledger held by ``expert``."""
-    return [e for e in _entries_on_record(layer) if e.expert == expert]
 
 
 def _questions_on_record(layer: LEMoELayer) -> list[tuple[str, int]]:

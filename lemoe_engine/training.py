@@ -63,7 +63,7 @@ from torch.func import functional_call
 from .errors import ConfigError
 from .experts import ACTIVATION_FNS, expert_ffn_reference
 from .layer import LEMoELayer
-from .patching import adaptors_disabled, decoder_layers, final_norm
+from .patching import adaptors_disabled, decoder_layers, final_norm, layer_index
 from .routing import acts_from, best_match_position, normalize_anchors, token_queries
 
 MAX_AUTO_BLOCK = 128
@@ -239,9 +239,7 @@ def auto_block_size(model: nn.Module, layer: LEMoELayer, mean_rows_per_job: floa
     ffn = int(getattr(config, "intermediate_size", None) or 4 * d)
     vocab = int(config.vocab_size)
     element = next(model.parameters()).element_size()
-    all_layers = decoder_layers(model)
-    target = next(i for i, block in enumerate(all_layers) if block.mlp is layer)
-    upper = len(all_layers) - target
+    upper = len(decoder_layers(model)) - layer_index(model, layer)
     expert = sum(w.numel() for w in _shapes(layer).values())
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     kv = int(getattr(config, "num_key_value_heads", None) or heads) * (d // heads)
@@ -311,7 +309,7 @@ class BlockTrainer:
         self.terms = terms
         self.compute_dtype = compute_dtype  # autocast the frozen layers above the target (e.g. bf16)
         blocks = list(decoder_layers(model))
-        self.target = next(i for i, block in enumerate(blocks) if block.mlp is layer)
+        self.target = layer_index(model, layer)
         self.blocks = blocks
         self.upper = blocks[self.target + 1:]
         self.norm = final_norm(model)

@@ -15,7 +15,8 @@ from lemoe_engine.editor import LifelongEditor, EditorConfig
 from lemoe_engine.evaluation import evaluate, unedited_reference
 p = argparse.ArgumentParser()
 p.add_argument("--edits", default=str(BUNDLED_EDITS)); p.add_argument("--limit", type=int, default=100)
-p.add_argument("--negatives", type=int, default=4); p.add_argument("--no-chat", action="store_true")
+p.add_argument("--negatives", type=int, default=None,
+               help="EditorConfig.negatives (default: the config's, 0)"); p.add_argument("--no-chat", action="store_true")
 p.add_argument("--strip-subject", action="store_true"); p.add_argument("--styles", default="tf,gen,chat")
 p.add_argument("--tag", default=""); p.add_argument("--augment", type=int, default=0)
 p.add_argument("--lr", type=float, default=None, help="EditorConfig.learning_rate (default: the config's)")
@@ -40,7 +41,8 @@ t0 = time.time()
 for s in styles:
     refs[s] = unedited_reference(model, tok, scored, mode="teacher_forced" if s == "tf" else "generate", chat=s == "chat")
 print("refs", round(time.time() - t0), "s", flush=True)
-cfg = EditorConfig(negatives=a.negatives, train_chat=not a.no_chat, augment=a.augment,
+cfg = EditorConfig(train_chat=not a.no_chat, augment=a.augment,
+                   **({} if a.negatives is None else {"negatives": a.negatives}),
                    **({} if a.lr is None else {"learning_rate": a.lr}),
                    **({} if a.stop_loss is None else {"stop_loss": a.stop_loss}),
                    **({} if a.train_dtype is None else {"train_dtype": train_dtype_option(a.train_dtype)}))
@@ -52,7 +54,7 @@ reports = editor.edit(edits, progress=False)
 edit_s = time.time() - t0
 import collections
 print("steps", sorted(collections.Counter(r.steps for r in reports).items()), "loss", [round(r.loss, 3) for r in reports][:20], flush=True)
-out = {"tag": a.tag, "layer": a.layer, "selects": editor.layer.config.question_gate_selects, "T": len(edits), "negatives": a.negatives, "augment": a.augment, "lr": cfg.learning_rate, "stop_loss": cfg.stop_loss, "experts": editor.layer.num_experts, "edit_s": round(edit_s, 1),
+out = {"tag": a.tag, "layer": a.layer, "selects": editor.layer.config.question_gate_selects, "T": len(edits), "negatives": cfg.negatives, "augment": a.augment, "lr": cfg.learning_rate, "stop_loss": cfg.stop_loss, "experts": editor.layer.num_experts, "edit_s": round(edit_s, 1),
        "misrouted": sum(r.misrouted for r in reports)}
 from lemoe_engine import question_gate
 if a.no_question_gate:

@@ -61,3 +61,6 @@ def test_a_subject_named_only_inside_another_named_subject_is_not_named():
         ["Congo", "Republic of the Congo"]
     assert named_subjects("Peru's capital is which city?", subjects) == ["Peru"]
     assert named_subjects("What is 3 plus 4?", subjects) == []
+    # by where each is named, not by how often its letters occur ("Niger" twice, named once, inside)
+    assert named_subjects("Is Nigeria bigger than the Republic of the Niger?", ["Niger", "Republic of the Niger"]) \
+        == ["Republic of the Niger"]

@@ -1,5 +1,7 @@
 """attach/detach on every supported family, and routing consistency during KV-cache decoding."""
 
+import inspect
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig
@@ -104,7 +106,9 @@ def test_route_is_reused_only_while_continuing_a_cache():
     with torch.no_grad():
         out = model(input_ids=prompts, use_cache=True)
         first_route = layer._sequence_route[0].clone()
-        model(input_ids=torch.randint(5, 150, (2, 1)), past_key_values=out.past_key_values)
+        # transformers >= 5.20 names the KV cache ``cache`` (``past_key_values`` is deprecated there)
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model(input_ids=torch.randint(5, 150, (2, 1)), **{name: out["cache"] if "cache" in out else out.past_key_values})
         assert torch.equal(layer._sequence_route[0], first_route)
         model(input_ids=torch.randint(5, 150, (2, 6)))  # a new prompt routes afresh
     assert layer._context.continuing is False

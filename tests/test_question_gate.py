@@ -152,6 +152,23 @@ def test_the_name_floor_drops_a_short_question_close_to_an_edit_only_through_the
     _assert_served(model, tok, "Is Andorra mentioned often in the news?", -1 if floor is not None else 0)
 
 
+def test_a_padded_batch_is_gated_as_each_prompt_alone():
+    """The floor's masked prompts of a batch are embedded in one call: each sequence must still get
+    its own verdict (the Andorra setting of the test above, by name on: the anchors route every
+    prompt to expert 0, and the gate decides)."""
+    model, tok, layer = _edited()
+    layer.ledger[0].prompt = "What is the word for someone from Andorra?"
+    question_gate.enable(model, tok, margin=None)
+    prompts = ["Is Andorra mentioned often in the news?", "What do you call a person from Andorra?", UNRELATED,
+               "Andorra's people are called what?"]
+    alone = [int(_route_and_logits(model, tok, p)[0][0][0, 0]) for p in prompts]
+    assert alone == [-1, 0, -1, 0]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    assert find_route(model)[0][:, 0].tolist() == alone
+
+
 @pytest.mark.parametrize("selects", [True, False])
 def test_among_experts_of_one_subject_the_gate_serves_the_one_holding_the_question(selects):
     """Two experts keyed on one subject (the same anchor: the anchors cannot tell their facts

@@ -1,0 +1,140 @@
+"""What the question gate (on by default) adds to a prefill, as a ledger grows.
+
+The bundled SmolLM2-135M (fp32, CPU) with an adaptor whose ledger holds the first T bundled
+edits, one expert per subject (random weights and anchors, anchor gates open: every prompt is
+routed), prefill of B edited questions (distinct subjects, padded to the longest: questions the
+gate serves whatever its cosine and margin, so that every prompt takes the same path). The
+anchors' routes are random (checked: at least one, counted in ``served_by_name``, is not its
+question's expert), so the gate takes its by-name path: one sentence-encoder call (MiniLM-L6, 22M parameters)
+over the prompts, the ledger check (one scan: did it change?), the anchors' routes dropped (their
+experts hold no such question), then each prompt served by the expert of the subject it names
+(``question_gate_by_name``), after the negatives margin and the name-masked floor (one more
+encoder call for the batch).
+
+Variants: ``gate-on`` and ``gate-off`` (the same adaptor and gate object, the gate switched off in
+the config: the anchors' route is served). The gate is enabled once per test, so its caches
+(edit-prompt embeddings, negatives) are warm, as in serving. Rows carry ``paired_ratio_on_vs_off``
+(gate-on time over gate-off time, measured in alternating pairs on the shared CPU) and
+``encoder_us``, one encoder call over the prompts alone.
+Checks: with the gate on, each question is served by its subject's expert (its output differs
+from the unedited model's) and a question naming no edited subject by none (its output equals
+the unedited model's, bit for bit).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import benchlib
+from benchlib import CUDA
+from lemoe_engine import LEMoEConfig, attach, detach, find_layer, question_gate
+from lemoe_engine.data import BUNDLED_EDITS, load_edits
+from lemoe_engine.ledger import entry_for
+from lemoe_engine.patching import adaptors_disabled
+
+PAIRS = 5
+UNRELATED = "How many legs does a spider have?"
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CUDA, reason="CPU figure (the gate's encoder runs on the CPU)"),
+              pytest.mark.skipif(not question_gate.encoder_available(),
+                                 reason=f"the gate's sentence encoder is not installed ({question_gate.ENCODER_INSTALL})")]
+
+_MODEL: dict = {}
+
+
+def _model():
+    if not _MODEL:
+        from lemoe_engine.models import load_model
+
+        model, tokenizer = load_model("smollm2-135m")
+        _MODEL["pair"] = (model.eval().requires_grad_(False), tokenizer)
+    return _MODEL["pair"]
+
+
+def _edited(model, edits):
+    """An adaptor of one random expert per subject of ``edits``, its ledger holding them all."""
+    subjects = list(dict.fromkeys(e.subject for e in edits))
+    layer = attach(model, LEMoEConfig(gate=False))
+    benchlib.fill_random_experts(layer, len(subjects), seed=4242)
+    expert_of = {s: i for i, s in enumerate(subjects)}
+    layer.ledger = [entry_for(edit, i + 1) for i, edit in enumerate(edits)]
+    for entry in layer.ledger:
+        entry.expert = expert_of[entry.subject]
+    return layer, expert_of
+
+
+def _prefill(model, batch):
+    with torch.inference_mode():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def _served(model, tokenizer, prompts):
+    """(the expert serving each of ``prompts``, -1 for none; their logits; the unedited model's)."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    logits = _prefill(model, batch)
+    experts = find_layer(model)._sequence_route[0][:, 0].tolist()
+    with adaptors_disabled(model):
+        unedited = _prefill(model, batch)
+    return experts, logits, unedited
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("edits", [100, 1000])
+@pytest.mark.parametrize("variant", ["gate-on", "gate-off"])
+def test_prefill_with_the_question_gate(benchmark, bench_rows, request, edits, variant, batch):
+    model, tokenizer = _model()
+    records = [e for e in load_edits(BUNDLED_EDITS, skip_invalid=True)[:edits] if e.subject]
+    asked = list({e.subject: e for e in records if e.subject in e.prompt}.values())[:batch]
+    prompts = [e.prompt for e in asked]
+    try:
+        layer, expert_of = _edited(model, records)
+        own = [expert_of[e.subject] for e in asked]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+        gated = layer.config  # the gate on (the default config)
+        ungated = gated.replace(question_gate=None)
+        layer.config = ungated
+        anchored, _, _ = _served(model, tokenizer, prompts)
+        by_name = sum(a not in (-1, o) for a, o in zip(anchored, own))
+        assert by_name, "the path timed is the gate's by-name one"
+        layer.config = gated
+        question_gate.enable(model, tokenizer)  # one gate for the whole test: its caches stay warm
+        experts, logits, unedited = _served(model, tokenizer, prompts)
+        assert experts == own, f"{prompts} served by {experts}, not {own}"  # the edits' own experts
+        assert all(not torch.equal(a, b) for a, b in zip(logits, unedited)), "a serving expert changed nothing"
+        experts, logits, unedited = _served(model, tokenizer, [UNRELATED])
+        assert experts == [-1] and torch.equal(logits, unedited), f"{UNRELATED!r} served by {experts}"
+        encoder_us = 1e6 * sorted(_seconds(lambda: question_gate._embed(prompts)) for _ in range(5))[2]
+
+        on_times, off_times = [], []
+        if benchmark.enabled:
+            for _ in range(PAIRS):  # alternating pairs: both see the same machine load
+                for config, times in ((gated, on_times), (ungated, off_times)):
+                    layer.config = config  # the config is the gate's switch (the filter stays installed)
+                    times.append(_seconds(lambda: _prefill(model, inputs)))
+        layer.config = gated if variant == "gate-on" else ungated
+        benchmark.group = f"question gate prefill B={batch}"
+        out = benchmark.pedantic(lambda: _prefill(model, inputs), rounds=5, warmup_rounds=1)
+        assert torch.isfinite(out).all()
+        tokens = int(inputs.input_ids.shape[1])
+        extra = {"encoder_us": encoder_us, "ledger_entries": len(layer.ledger), "experts": layer.num_experts,
+                 "prompt_tokens": tokens, "prompts": prompts, "served_by_name": by_name}
+        if on_times:
+            on_s, off_s = sorted(on_times)[PAIRS // 2], sorted(off_times)[PAIRS // 2]
+            extra.update(paired_ratio_on_vs_off=on_s / off_s, paired_on_us=on_s * 1e6, paired_off_us=off_s * 1e6)
+        bench_rows.add(benchmark, section="question_gate", case=f"T{edits}-B{batch}-{variant}", backend="eager",
+                       dtype=torch.float32, shapes={"T": edits, "batch": batch, "experts": layer.num_experts,
+                                                    "prompt_tokens": tokens},
+                       checks={"questions_served_by_their_subjects": True, "unrelated_bit_identical": True},
+                       extra=extra, request=request)
+    finally:
+        if find_layer(model) is not None:
+            detach(model)
