@@ -238,8 +238,9 @@ SHAPES_TEXT = {
                "hardly separate prompts, so the gate cannot), only reliability and time are its figures",
     "question_gate": "the bundled SmolLM2-135M (fp32) with an adaptor whose ledger holds the first T bundled "
                      "edits, one random expert per subject, anchor gates open; prefill of B edited questions "
-                     "(distinct subjects, padded), which the gate serves by the subjects they name (two encoder "
-                     "calls per batch, the ledger check, the negatives margin and the name floor); 'paired on / "
+                     "(distinct subjects, padded), which the gate serves by the subjects they name (one encoder "
+                     "call over the prompts and their subject-masked forms, the ledger check, the negatives "
+                     "margin and the name floor); 'paired on / "
                      "off': median time with the gate on over the same adaptor with it off, in 5 alternating "
                      "pairs; the last column: MiniLM-L6 over the prompts alone",
 }

@@ -6,10 +6,10 @@ routed), prefill of B edited questions (distinct subjects, padded to the longest
 gate serves whatever its cosine and margin, so that every prompt takes the same path). The
 anchors' routes are random (checked: at least one, counted in ``served_by_name``, is not its
 question's expert), so the gate takes its by-name path: one sentence-encoder call (MiniLM-L6, 22M parameters)
-over the prompts, the ledger check (one scan: did it change?), the anchors' routes dropped (their
-experts hold no such question), then each prompt served by the expert of the subject it names
-(``question_gate_by_name``), after the negatives margin and the name-masked floor (one more
-encoder call for the batch).
+over the prompts and their subject-masked forms (``question_gate.PromptBatch``), the ledger check
+(one scan: did it change?), the anchors' routes dropped (their experts hold no such question),
+then each prompt served by the expert of the subject it names (``question_gate_by_name``), after
+the negatives margin and the name-masked floor.
 
 Variants: ``gate-on`` and ``gate-off`` (the same adaptor and gate object, the gate switched off in
 the config: the anchors' route is served). The gate is enabled once per test, so its caches

@@ -38,7 +38,9 @@ installed wherever one is at hand: ``lemoe_engine.load(model, path, tokenizer=..
 one, the tokenizer saved beside the model is used), the editor after each run, vLLM serving, and
 the CLI. ``enable(model, tokenizer, threshold)`` / ``disable(model)`` change it (and the config,
 so a later ``save`` keeps the choice); ``sync(layer, tokenizer)`` installs it as the config says.
-It costs one encoder pass (22M parameters) per prompt at prefill.
+It costs one encoder call (22M parameters, on the CPU) per prefill batch, over the prompts and the
+subject-masked forms the name floor compares (``PromptBatch``); one scan of the ledger per call
+tells whether its cached views are still current (``LedgerView``).
 """
 
 from __future__ import annotations
@@ -97,8 +99,7 @@ class LedgerView:
     def subjects_of(self, expert: int) -> list[str]:
         """The subjects of ``expert``'s active edits, longest first (``_masked`` replaces them so)."""
         if expert not in self._subjects_of:
-            found = {s for s in map(subject_of, self.by_expert.get(expert, [])) if s}
-            self._subjects_of[expert] = sorted(found, key=len, reverse=True)
+            self._subjects_of[expert] = _longest_first({s for s in map(subject_of, self.by_expert.get(expert, [])) if s})
         return self._subjects_of[expert]
 
     def negatives(self, expert: int, threshold: float) -> torch.Tensor:
@@ -116,6 +117,32 @@ class LedgerView:
             parts = [part for part in parts if len(part)]
             self._negatives[expert, threshold] = torch.cat(parts) if parts else torch.zeros(0, 1)
         return self._negatives[expert, threshold]
+
+
+class PromptBatch:
+    """The prompts of one prefill call: their texts, the edited subjects each names (when serving
+    by name or the name floor needs them), and their embeddings, made in one encoder call with
+    each naming prompt's subjects-masked form (what the name floor compares when the route's
+    expert holds those subjects: the common case costs no second call)."""
+
+    def __init__(self, texts: list[str], view: LedgerView, config) -> None:
+        self.texts = texts
+        wants_names = config.routes_by_name or config.question_gate_name_floor is not None
+        by_subject = view.by_subject() if wants_names else {}
+        self.named = [named_subjects(text, by_subject) if by_subject else [] for text in texts]
+        wanted = list(texts)
+        if config.question_gate_name_floor is not None:
+            wanted += [_masked(text, _longest_first(names)) for text, names in zip(texts, self.named) if names]
+        wanted = list(dict.fromkeys(wanted))
+        self._embedded = dict(zip(wanted, _embed(wanted)))
+        self.queries = torch.stack([self._embedded[text] for text in texts])
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Embeddings of ``texts`` [n, d], those not made yet in one encoder call."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._embedded]
+        if missing:
+            self._embedded.update(zip(missing, _embed(missing)))
+        return torch.stack([self._embedded[t] for t in texts])
 
 
 class QuestionGate:
@@ -159,29 +186,31 @@ class QuestionGate:
             self._embedded.update(zip(missing, _embed(missing)))
         return torch.stack([self._embedded[t] for t in texts]) if texts else torch.zeros(0, 1)
 
-    def passes(self, layer, view: LedgerView, checks: list[tuple[int, int, float]], queries: torch.Tensor,
-               texts: list[str]) -> list[bool]:
+    def passes(self, layer, view: LedgerView, checks: list[tuple[int, int, float]], prompts: PromptBatch) -> list[bool]:
         """The checks after the cosine, for each (sequence, expert, its best cosine) of ``checks``:
-        the negatives margin, then the name-masked floor (one encoder call for all of them)."""
-        clear = [self.clear_of_negatives(layer, view, e, score, queries[b]) for b, e, score in checks]
-        floored = iter(self.over_name_floor(layer, view, [(e, texts[b]) for (b, e, _), ok in zip(checks, clear) if ok]))
+        the negatives margin, then the name-masked floor."""
+        clear = [self.clear_of_negatives(layer, view, e, score, prompts.queries[b]) for b, e, score in checks]
+        floored = iter(self.over_name_floor(layer, view, [(e, b) for (b, e, _), ok in zip(checks, clear) if ok],
+                                            prompts))
         return [ok and next(floored) for ok in clear]
 
-    def over_name_floor(self, layer, view: LedgerView, pairs: list[tuple[int, str]]) -> list[bool]:
-        """With ``question_gate_name_floor``, for each (expert, prompt) of ``pairs``: the prompt and
-        one of the expert's edit prompts, each with the edits' subjects replaced by "X", are within
-        that cosine: a short question about an edited subject ("Is Andorra often in the news?") is
-        close to any edit prompt naming it only through the name. The masked prompts of a batch
-        are embedded in one call."""
+    def over_name_floor(self, layer, view: LedgerView, pairs: list[tuple[int, int]], prompts: PromptBatch) -> list[bool]:
+        """With ``question_gate_name_floor``, for each (expert, sequence) of ``pairs``: the prompt
+        and one of the expert's edit prompts, each with the edits' subjects replaced by "X", are
+        within that cosine: a short question about an edited subject ("Is Andorra often in the
+        news?") is close to any edit prompt naming it only through the name."""
         floor = layer.config.question_gate_name_floor
-        verdicts = [True] * len(pairs)
-        masked = [(i, e, view.subjects_of(e), text) for i, (e, text) in enumerate(pairs)] if floor is not None else []
-        masked = [row for row in masked if row[2]]
-        if masked:
-            asked = _embed([_masked(text, subjects) for _, _, subjects, text in masked])
-            for (i, e, subjects, _), query in zip(masked, asked):
-                edits = self.embed_once([_masked(entry.prompt, subjects) for entry in view.by_expert[e]])
-                verdicts[i] = float((edits @ query).max()) >= floor
+        if floor is None or not pairs:
+            return [True] * len(pairs)
+        masked = [(e, view.subjects_of(e), prompts.texts[b]) for e, b in pairs]
+        asked = prompts.embed([_masked(text, subjects) for _, subjects, text in masked])
+        verdicts = []
+        for (e, subjects, _), query in zip(masked, asked):
+            if not subjects:
+                verdicts.append(True)
+                continue
+            edits = self.embed_once([_masked(entry.prompt, subjects) for entry in view.by_expert[e]])
+            verdicts.append(float((edits @ query).max()) >= floor)
         return verdicts
 
     def clear_of_negatives(self, layer, view: LedgerView, expert: int, score: float, query: torch.Tensor) -> bool:
@@ -193,12 +222,12 @@ class QuestionGate:
         negatives = view.negatives(expert, self.threshold)
         return not len(negatives) or score - float((negatives @ query).max()) >= margin
 
-    def named_experts(self, view: LedgerView, text: str) -> torch.Tensor:
-        """The experts holding an active edit whose subject ``text`` names (``keys.named_subjects``;
-        the record's subject, else the one guessed from its prompt), int64 on the CPU."""
+    def named_experts(self, view: LedgerView, names: list[str]) -> torch.Tensor:
+        """The experts holding an active edit about one of ``names`` (``PromptBatch.named``: the
+        subjects a prompt names, the record's subject or else the one guessed from its prompt),
+        int64 on the CPU."""
         by_subject = view.by_subject()
-        found = {e for subject in named_subjects(text, by_subject) for e in by_subject[subject]}
-        return torch.tensor(sorted(found), dtype=torch.long)
+        return torch.tensor(sorted({e for subject in names for e in by_subject[subject]}), dtype=torch.long)
 
     def prompt_text(self, token_ids: torch.Tensor) -> str:
         """The question a prompt asks: its tokens decoded, the chat template's user turn if the
@@ -225,8 +254,8 @@ class QuestionGate:
         tokens = tokens[:, -x.shape[1]:].cpu()
         mask = layer.prompt_mask(x)
         mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool().cpu()
-        texts = [self.prompt_text(row[m]) for row, m in zip(tokens, mask)]
-        queries = _embed(texts)
+        prompts = PromptBatch([self.prompt_text(row[m]) for row, m in zip(tokens, mask)], view, layer.config)
+        texts, queries = prompts.texts, prompts.queries
         # per (sequence, expert) the best cosine to any of the expert's questions; experts with
         # no question on record start at +inf (include_self) and so are never gated
         held = torch.zeros(layer.num_experts, dtype=torch.bool)
@@ -246,18 +275,18 @@ class QuestionGate:
         keep = (ids >= 0) & (best >= self.threshold)
         pairs = keep.nonzero().tolist()  # ... and not more like one of its same-subject negatives
         checks = [(b, int(ids[b, k]), float(best[b, k])) for b, k in pairs]
-        for (b, k), ok in zip(pairs, self.passes(layer, view, checks, queries, texts)):
+        for (b, k), ok in zip(pairs, self.passes(layer, view, checks, prompts)):
             keep[b, k] = ok
         if layer.config.routes_by_name:  # what the anchors miss: the expert of the subject the prompt names
             checks = []
             for b in (~keep.any(dim=1)).nonzero().flatten().tolist():
-                named = self.named_experts(view, texts[b])
+                named = self.named_experts(view, prompts.named[b])
                 if len(named):
                     expert = int(named[per_expert[b, named.to(per_expert.device)].argmax()])
                     if float(per_expert[b, expert]) >= self.threshold:
                         checks.append((b, expert, float(per_expert[b, expert])))
             ids, weights = ids.clone(), weights.clone()
-            for (b, expert, _), ok in zip(checks, self.passes(layer, view, checks, queries, texts)):
+            for (b, expert, _), ok in zip(checks, self.passes(layer, view, checks, prompts)):
                 if ok:
                     ids[b], weights[b], keep[b] = -1, 0.0, False
                     ids[b, 0], weights[b, 0], keep[b, 0] = expert, 1.0, True
@@ -280,6 +309,11 @@ def encoder_available() -> bool:
     except ConfigError:
         return False
     return True
+
+
+def _longest_first(subjects) -> list[str]:
+    """``subjects`` longest first (``_masked`` replaces a longer name before a name inside it)."""
+    return sorted(subjects, key=len, reverse=True)
 
 
 def _masked(text: str, subjects: list[str]) -> str:

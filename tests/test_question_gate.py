@@ -169,6 +169,31 @@ def test_a_padded_batch_is_gated_as_each_prompt_alone():
     assert find_route(model)[0][:, 0].tolist() == alone
 
 
+def test_the_name_floor_compares_each_prompt_masked_with_its_experts_subjects():
+    """The floor's masked prompt comes from the batch's one encoder call when the route's expert
+    holds the subjects the prompt names, from a second call when it holds others or fewer: either
+    way the cosine is the one of that prompt with that expert's subjects masked (reference: each
+    text embedded alone)."""
+    model, tok, layer = _edited(experts=2)
+    layer.ledger[0].prompt, layer.ledger[0].subject = "What is the word for someone from Andorra?", "Andorra"
+    layer.ledger[1].prompt, layer.ledger[1].subject = "Which currency does Peru use?", "Peru"
+    layer.config = layer.config.replace(question_gate_name_floor=0.55)
+    gate = question_gate.enable(model, tok)
+    view = gate.ledger_view(layer)
+    texts = ["Is Andorra mentioned often in the news?", "What do you call a person from Andorra?",
+             "Is Andorra smaller than Peru?", "What money do people in Peru pay with?", UNRELATED]
+    prompts = question_gate.PromptBatch(texts, view, layer.config)
+    pairs = [(e, b) for b in range(len(texts)) for e in (0, 1)]
+    got = gate.over_name_floor(layer, view, pairs, prompts)
+    for (e, b), verdict in zip(pairs, got):
+        subject = ["Andorra", "Peru"][e]
+        edit = question_gate._embed([layer.ledger[e].prompt.replace(subject, "X")])[0]
+        cosine = float(edit @ question_gate._embed([texts[b].replace(subject, "X")])[0])
+        if abs(cosine - 0.55) > 1e-3:  # not on the boundary, where batching may move the last digits
+            assert verdict == (cosine >= 0.55), (texts[b], e, cosine)
+    assert got[0] is False and got[2 * 1] is True and got[2 * 3 + 1] is True  # news / own questions
+
+
 @pytest.mark.parametrize("selects", [True, False])
 def test_among_experts_of_one_subject_the_gate_serves_the_one_holding_the_question(selects):
     """Two experts keyed on one subject (the same anchor: the anchors cannot tell their facts
