@@ -187,18 +187,22 @@ def e2e_table(rows: list[dict], gpu: bool) -> list[str]:
 
 
 def question_gate_table(rows: list[dict], gpu: bool) -> list[str]:
-    header = ["T (ledger entries)", "experts", "batch", "prompt tokens", "variant", "median", "paired on / off",
-              "paired on", "paired off", "one encoder call over the prompts"]
+    header = ["T (ledger entries)", "experts", "batch", "prompts", "prompt tokens", "variant", "median",
+              "paired on / off", "paired on", "paired off", "one encoder call over the prompts",
+              "encoder calls per prefill (gate on)"]
 
     def time(v):
         return "-" if v is None else _us(v) + (" µs" if v < 1e5 else "")
     out = []
-    for r in sorted(rows, key=lambda r: (r["shapes"]["T"], r["shapes"].get("batch", 1), r["case"])):
+    for r in sorted(rows, key=lambda r: (r["shapes"]["T"], r.get("asking", "edited"), r["shapes"].get("batch", 1),
+                                         r["case"])):
         s = r["shapes"]
-        out.append([str(s["T"]), str(s["experts"]), str(s.get("batch", 1)), str(s["prompt_tokens"]),
-                    r["case"].split("-", 2)[2], time(r["median_us"]),
+        out.append([str(s["T"]), str(s["experts"]), str(s.get("batch", 1)), r.get("asking", "edited"),
+                    str(s["prompt_tokens"]), r["case"].rsplit("-", 2)[-2] + "-" + r["case"].rsplit("-", 1)[-1],
+                    time(r["median_us"]),
                     f"{r['paired_ratio_on_vs_off']:.3f}x" if r.get("paired_ratio_on_vs_off") else "-",
-                    time(r.get("paired_on_us")), time(r.get("paired_off_us")), time(r.get("encoder_us"))])
+                    time(r.get("paired_on_us")), time(r.get("paired_off_us")), time(r.get("encoder_us")),
+                    str(r.get("encoder_calls_per_prefill", "-"))])
     return _table(header, out)
 
 
@@ -238,9 +242,10 @@ SHAPES_TEXT = {
                "hardly separate prompts, so the gate cannot), only reliability and time are its figures",
     "question_gate": "the bundled SmolLM2-135M (fp32) with an adaptor whose ledger holds the first T bundled "
                      "edits, one random expert per subject, anchor gates open; prefill of B edited questions "
-                     "(distinct subjects, padded), which the gate serves by the subjects they name (one encoder "
-                     "call over the prompts and their subject-masked forms, the ledger check, the negatives "
-                     "margin and the name floor); 'paired on / "
+                     "(distinct subjects, padded, anchor gates open), which the gate serves by the subjects they "
+                     "name (one encoder call over the prompts and their subject-masked forms, the ledger check, "
+                     "the negatives margin and the name floor), or B real questions naming no edited subject "
+                     "(anchor gates shut: nothing for the gate to check); 'paired on / "
                      "off': median time with the gate on over the same adaptor with it off, in 5 alternating "
                      "pairs; the last column: MiniLM-L6 over the prompts alone",
 }

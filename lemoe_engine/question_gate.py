@@ -38,9 +38,10 @@ installed wherever one is at hand: ``lemoe_engine.load(model, path, tokenizer=..
 one, the tokenizer saved beside the model is used), the editor after each run, vLLM serving, and
 the CLI. ``enable(model, tokenizer, threshold)`` / ``disable(model)`` change it (and the config,
 so a later ``save`` keeps the choice); ``sync(layer, tokenizer)`` installs it as the config says.
-It costs one encoder call (22M parameters, on the CPU) per prefill batch, over the prompts and the
-subject-masked forms the name floor compares (``PromptBatch``); one scan of the ledger per call
-tells whether its cached views are still current (``LedgerView``).
+It costs one encoder call (22M parameters, on the CPU) per prefill batch, over the prompts it may
+serve (an anchored route, or an edited subject named) and the subject-masked forms the name floor
+compares (``PromptBatch``), and none for a batch of prompts it may not serve; one scan of the
+ledger per call tells whether its cached views are still current (``LedgerView``).
 """
 
 from __future__ import annotations
@@ -123,19 +124,26 @@ class PromptBatch:
     """The prompts of one prefill call: their texts, the edited subjects each names (when serving
     by name or the name floor needs them), and their embeddings, made in one encoder call with
     each naming prompt's subjects-masked form (what the name floor compares when the route's
-    expert holds those subjects: the common case costs no second call)."""
+    expert holds those subjects: the common case costs no second call). Only prompts the gate
+    may serve are embedded, those with an anchored route (``routed``) or, serving by name, naming
+    an edited subject; the others' query rows are zeros, never read: a batch of prompts about
+    nothing edited, which the anchors route nowhere, costs no encoder call."""
 
-    def __init__(self, texts: list[str], view: LedgerView, config) -> None:
+    def __init__(self, texts: list[str], view: LedgerView, config, routed: list[bool]) -> None:
         self.texts = texts
         wants_names = config.routes_by_name or config.question_gate_name_floor is not None
         by_subject = view.by_subject() if wants_names else {}
         self.named = [named_subjects(text, by_subject) if by_subject else [] for text in texts]
-        wanted = list(texts)
+        self.served = [r or bool(config.routes_by_name and names) for r, names in zip(routed, self.named)]
+        wanted = [text for text, served in zip(texts, self.served) if served]
         if config.question_gate_name_floor is not None:
-            wanted += [_masked(text, _longest_first(names)) for text, names in zip(texts, self.named) if names]
+            wanted += [_masked(text, _longest_first(names))
+                       for text, names, served in zip(texts, self.named, self.served) if served and names]
         wanted = list(dict.fromkeys(wanted))
-        self._embedded = dict(zip(wanted, _embed(wanted)))
-        self.queries = torch.stack([self._embedded[text] for text in texts])
+        self._embedded = dict(zip(wanted, _embed(wanted))) if wanted else {}
+        width = next(iter(self._embedded.values())).shape[0] if self._embedded else 1
+        self.queries = torch.stack([self._embedded[text] if served else torch.zeros(width)
+                                    for text, served in zip(texts, self.served)])
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """Embeddings of ``texts`` [n, d], those not made yet in one encoder call."""
@@ -254,7 +262,10 @@ class QuestionGate:
         tokens = tokens[:, -x.shape[1]:].cpu()
         mask = layer.prompt_mask(x)
         mask = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool().cpu()
-        prompts = PromptBatch([self.prompt_text(row[m]) for row, m in zip(tokens, mask)], view, layer.config)
+        prompts = PromptBatch([self.prompt_text(row[m]) for row, m in zip(tokens, mask)], view, layer.config,
+                              routed=(ids >= 0).any(dim=1).tolist())
+        if not any(prompts.served):  # nothing to check, nothing to serve by name
+            return torch.full_like(ids, -1), torch.zeros_like(weights)
         texts, queries = prompts.texts, prompts.queries
         # per (sequence, expert) the best cosine to any of the expert's questions; experts with
         # no question on record start at +inf (include_self) and so are never gated

@@ -182,7 +182,7 @@ def test_the_name_floor_compares_each_prompt_masked_with_its_experts_subjects():
     view = gate.ledger_view(layer)
     texts = ["Is Andorra mentioned often in the news?", "What do you call a person from Andorra?",
              "Is Andorra smaller than Peru?", "What money do people in Peru pay with?", UNRELATED]
-    prompts = question_gate.PromptBatch(texts, view, layer.config)
+    prompts = question_gate.PromptBatch(texts, view, layer.config, routed=[True] * len(texts))
     pairs = [(e, b) for b in range(len(texts)) for e in (0, 1)]
     got = gate.over_name_floor(layer, view, pairs, prompts)
     for (e, b), verdict in zip(pairs, got):
@@ -192,6 +192,26 @@ def test_the_name_floor_compares_each_prompt_masked_with_its_experts_subjects():
         if abs(cosine - 0.55) > 1e-3:  # not on the boundary, where batching may move the last digits
             assert verdict == (cosine >= 0.55), (texts[b], e, cosine)
     assert got[0] is False and got[2 * 1] is True and got[2 * 3 + 1] is True  # news / own questions
+
+
+def test_prompts_the_gate_cannot_serve_cost_no_encoder_call(monkeypatch):
+    """A prompt without an anchored route that names no edited subject gets no route whatever
+    the encoder says: a batch of such prompts is not embedded (and still gets the unedited
+    output); a prompt naming an edited subject is."""
+    model, tok, layer = _edited()
+    layer.ledger[0].subject = "France"
+    layer.config = layer.config.replace(gate=True)
+    layer.set_threshold(0, 2.0)  # the anchors route nothing
+    question_gate.enable(model, tok)
+    _assert_served(model, tok, PARAPHRASE, 0)  # the gate's own embeddings (the ledger's prompts) made
+    embedded = []
+    real = question_gate._embed
+    monkeypatch.setattr(question_gate, "_embed", lambda texts: embedded.append(list(texts)) or real(texts))
+    _assert_served(model, tok, UNRELATED, -1)
+    _assert_served(model, tok, "How many legs does a spider have?", -1)
+    assert embedded == []
+    _assert_served(model, tok, PARAPHRASE, 0)  # served by the subject it names
+    assert PARAPHRASE in embedded[0]
 
 
 @pytest.mark.parametrize("selects", [True, False])
