@@ -133,7 +133,8 @@ class PromptBatch:
         self.texts = texts
         wants_names = config.routes_by_name or config.question_gate_name_floor is not None
         by_subject = view.by_subject() if wants_names else {}
-        self.named = [named_subjects(text, by_subject) if by_subject else [] for text in texts]
+        self.named = [named_subjects(text, by_subject) if by_subject and (r or config.routes_by_name) else []
+                      for text, r in zip(texts, routed)]
         self.served = [r or bool(config.routes_by_name and names) for r, names in zip(routed, self.named)]
         wanted = [text for text, served in zip(texts, self.served) if served]
         if config.question_gate_name_floor is not None:
@@ -141,8 +142,8 @@ class PromptBatch:
                        for text, names, served in zip(texts, self.named, self.served) if served and names]
         wanted = list(dict.fromkeys(wanted))
         self._embedded = dict(zip(wanted, _embed(wanted))) if wanted else {}
-        width = next(iter(self._embedded.values())).shape[0] if self._embedded else 1
-        self.queries = torch.stack([self._embedded[text] if served else torch.zeros(width)
+        some = next(iter(self._embedded.values())) if self._embedded else torch.zeros(1)
+        self.queries = torch.stack([self._embedded[text] if served else some.new_zeros(some.shape)
                                     for text, served in zip(texts, self.served)])
 
     def embed(self, texts: list[str]) -> torch.Tensor:

@@ -211,7 +211,16 @@ def test_prompts_the_gate_cannot_serve_cost_no_encoder_call(monkeypatch):
     _assert_served(model, tok, "How many legs does a spider have?", -1)
     assert embedded == []
     _assert_served(model, tok, PARAPHRASE, 0)  # served by the subject it names
-    assert PARAPHRASE in embedded[0]
+    # one call: the prompt and its subject-masked form, which the name floor then reuses
+    assert embedded == [[PARAPHRASE, PARAPHRASE.replace("France", "X")]]
+    # a batch mixing prompts it may serve and prompts it may not: each as when asked alone
+    prompts = [UNRELATED, PARAPHRASE, "How many legs does a spider have?", OTHER_RELATION]
+    alone = [int(_route_and_logits(model, tok, p)[0][0][0, 0]) for p in prompts]
+    assert alone == [-1, 0, -1, -1]
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    assert find_route(model)[0][:, 0].tolist() == alone
 
 
 @pytest.mark.parametrize("selects", [True, False])
