@@ -61,6 +61,22 @@ from .patching import find_layer
 _SENTINEL = "\u2063lemoe-question\u2063"
 
 
+class EmbeddingCache:
+    """Texts -> their sentence embeddings, each text embedded once (those not yet seen together,
+    in one encoder call): the gate keeps one for edit prompts and negatives across calls, and each
+    prefill batch one for its prompts (``PromptBatch``)."""
+
+    def __init__(self) -> None:
+        self._embedded: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """Embeddings of ``texts`` [n, d] ([0, 1] for none)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._embedded]
+        if missing:
+            self._embedded.update(zip(missing, _embed(missing)))
+        return torch.stack([self._embedded[t] for t in texts]) if texts else torch.zeros(0, 1)
+
+
 class LedgerView:
     """The active edits on record of a layer's ledger, grouped once per ledger change, with what
     the gate derives from them (each made on first use): one scan of the ledger per prefill call
@@ -77,7 +93,7 @@ class LedgerView:
         self._questions: Optional[tuple] = None
         self._by_subject: Optional[dict] = None
         self._negatives: dict[tuple[int, float], torch.Tensor] = {}  # (expert, gate cosine) -> negatives
-        self._subjects_of: dict[int, list] = {}
+        self._groups: dict[int, dict[str, list]] = {}
 
     def questions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [N, d] of the active edits' prompts and the expert holding each [N]."""
@@ -97,24 +113,28 @@ class LedgerView:
                     self._by_subject.setdefault(subject, set()).add(entry.expert)
         return self._by_subject
 
+    def subject_groups(self, expert: int) -> dict[str, list]:
+        """``expert``'s active edits by subject (the record's, else the guess; none left out)."""
+        if expert not in self._groups:
+            groups: dict[str, list] = {}
+            for entry in self.by_expert.get(expert, []):
+                subject = subject_of(entry)
+                if subject:
+                    groups.setdefault(subject, []).append(entry)
+            self._groups[expert] = groups
+        return self._groups[expert]
+
     def subjects_of(self, expert: int) -> list[str]:
         """The subjects of ``expert``'s active edits, longest first (``_masked`` replaces them so)."""
-        if expert not in self._subjects_of:
-            self._subjects_of[expert] = _longest_first({s for s in map(subject_of, self.by_expert.get(expert, [])) if s})
-        return self._subjects_of[expert]
+        return _longest_first(self.subject_groups(expert))
 
     def negatives(self, expert: int, threshold: float) -> torch.Tensor:
         """Embeddings [M, d] of ``expert``'s negatives (``subject_negatives`` of each subject of
         its active edits; ``threshold``: the gate's cosine, which leaves out negatives it would take
         for an edit when the edits name no relation)."""
         if (expert, threshold) not in self._negatives:
-            subjects: dict[str, list] = {}
-            for entry in self.by_expert.get(expert, []):
-                subject = subject_of(entry)
-                if subject:
-                    subjects.setdefault(subject, []).append(entry)
             parts = [subject_negatives(subject, group, threshold, embed=self._embed)
-                     for subject, group in subjects.items()]
+                     for subject, group in self.subject_groups(expert).items()]
             parts = [part for part in parts if len(part)]
             self._negatives[expert, threshold] = torch.cat(parts) if parts else torch.zeros(0, 1)
         return self._negatives[expert, threshold]
@@ -140,18 +160,11 @@ class PromptBatch:
         if config.question_gate_name_floor is not None:
             wanted += [_masked(text, _longest_first(names))
                        for text, names, served in zip(texts, self.named, self.served) if served and names]
-        wanted = list(dict.fromkeys(wanted))
-        self._embedded = dict(zip(wanted, _embed(wanted))) if wanted else {}
-        some = next(iter(self._embedded.values())) if self._embedded else torch.zeros(1)
-        self.queries = torch.stack([self._embedded[text] if served else some.new_zeros(some.shape)
+        self.embed = EmbeddingCache()  # later texts (a masked form no prompt gave) in one more call
+        embedded = self.embed(wanted)
+        some = embedded[0] if len(wanted) else torch.zeros(1)
+        self.queries = torch.stack([self.embed([text])[0] if served else some.new_zeros(some.shape)
                                     for text, served in zip(texts, self.served)])
-
-    def embed(self, texts: list[str]) -> torch.Tensor:
-        """Embeddings of ``texts`` [n, d], those not made yet in one encoder call."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._embedded]
-        if missing:
-            self._embedded.update(zip(missing, _embed(missing)))
-        return torch.stack([self._embedded[t] for t in texts])
 
 
 class QuestionGate:
@@ -164,7 +177,7 @@ class QuestionGate:
         self.threshold = float(threshold)
         self._view: Optional[LedgerView] = None
         self._siblings: tuple = (None, {})  # (anchor table signature, expert -> same-key experts)
-        self._embedded: dict[str, torch.Tensor] = {}  # text -> its embedding (edit prompts, negatives)
+        self.embed_once = EmbeddingCache()  # edit prompts and negatives: a subject's experts share most
         self._chat = _chat_affixes(tokenizer)
 
     def ledger_view(self, layer) -> LedgerView:
@@ -185,15 +198,6 @@ class QuestionGate:
         if expert not in found:
             found[expert] = same_key_experts(layer, expert)
         return found[expert]
-
-    def embed_once(self, texts: list[str]) -> torch.Tensor:
-        """``_embed``, each text embedded once per gate: edit prompts stay when the ledger changes
-        around them, and a subject's experts share most of their negatives (one expert per edit,
-        ~4 edits per subject at T=1000 on the bundled set)."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._embedded))
-        if missing:
-            self._embedded.update(zip(missing, _embed(missing)))
-        return torch.stack([self._embedded[t] for t in texts]) if texts else torch.zeros(0, 1)
 
     def passes(self, layer, view: LedgerView, checks: list[tuple[int, int, float]], prompts: PromptBatch) -> list[bool]:
         """The checks after the cosine, for each (sequence, expert, its best cosine) of ``checks``:
